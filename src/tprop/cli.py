@@ -9,7 +9,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import METHODS, OPTIMS, PRESETS, ConfigError, TrainConfig, make_config
+from .config import (
+    H_INITS,
+    H_OPTIMS,
+    METHODS,
+    OPTIMS,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    make_config,
+)
 from .data import CORPORA, FORMATS, SPLITS, CorpusError
 
 EXIT_DIVERGED = 3
@@ -51,6 +60,15 @@ def _fraction(s: str) -> float:
     if v >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
     return v
+
+
+def _blocks_per_update(s: str) -> int | str:
+    if s == "all":
+        return s
+    try:
+        return _positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'all', got {s!r}") from None
 
 
 def _add(group: argparse._ArgumentGroup, *flags: str, **kw: Any) -> None:
@@ -95,7 +113,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--init-range", type=_positive_float, help="uniform init in ±R (default 0.1)")
 
     g = p.add_argument_group("optimisation")
-    _add(g, "--bptt", type=_positive_int, metavar="K", help=f"window length (default {d.bptt})")
+    _add(g, "--bptt", "--block-size", dest="bptt", type=_positive_int, metavar="K",
+         help=f"BPTT window / TPROP block length (one setting; default {d.bptt})")
     _add(g, "--batch-size", type=_positive_int, metavar="B", help=f"stream columns "
          f"(default {d.batch_size})")
     _add(g, "--optim", choices=OPTIMS, help=f"optimiser; sgd is plain gradient descent "
@@ -106,6 +125,40 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--update-freq", type=_positive_int, metavar="N", help="accumulate N windows' "
          "gradients per update (default 1)")
     _add(g, "--full-batch", action="store_true", help="one update per epoch (all windows)")
+
+    g = p.add_argument_group(
+        "block target propagation (--method pm|admm|alm)",
+        "θ is trained with --optim/--lr/--clip; the free states Z with the --h-* flags.")
+    _add(g, "--blocks-per-update", type=_blocks_per_update, metavar="M|all",
+         help=f"blocks per update; all = batch mode (default {d.blocks_per_update})")
+    _add(g, "--h-steps", type=int, metavar="H", help=f"steps on Z per update (default "
+         f"{d.h_steps})")
+    _add(g, "--h-lr", type=_positive_float, help=f"Z learning rate (default {d.h_lr})")
+    _add(g, "--h-tol", type=_nonneg_float, help="stop h-steps when the Z-gradient norm is "
+         "below this (default 0: never)")
+    _add(g, "--h-clip", type=_nonneg_float, help="Z-gradient norm clip (default 0: off)")
+    _add(g, "--h-optim", choices=H_OPTIMS, help=f"Z optimiser (default {d.h_optim})")
+    _add(g, "--h-init", choices=H_INITS, help=f"free-state initialisation per update "
+         f"(default {d.h_init})")
+    _add(g, "--theta-steps", type=_positive_int, metavar="P", help=f"steps on θ per update "
+         f"(default {d.theta_steps})")
+    _add(g, "--lambda", dest="lam", type=_positive_float, help=f"penalty weight λ "
+         f"(default {d.lam})")
+    _add(g, "--lambda-mult", type=_positive_float, help="multiply λ by this after each epoch")
+    _add(g, "--u-lr", type=_positive_float, help=f"dual step size ρ_u (default {d.u_lr})")
+    _add(g, "--u-clip", type=_nonneg_float, help="dual increment norm clip (default 0: off)")
+    _add(g, "--u-start", type=_positive_int, metavar="EPOCH", help=f"first epoch with dual "
+         f"steps (default {d.u_start})")
+    _add(g, "--alm-max-steps", type=_positive_int, help=f"ALM joint steps per update "
+         f"(default {d.alm_max_steps})")
+    _add(g, "--alm-grad-tol", type=_nonneg_float, help="stop ALM joint steps below this "
+         "joint gradient norm (default 0: never)")
+    _add(g, "--arctanh", action="store_true", help="optimise w with z = tanh(w) on the "
+         "bounded state coordinates (keeps them in (-1, 1))")
+    _add(g, "--positional-ppl", action="store_true", help="record perplexity by position "
+         "in the block")
+    _add(g, "--chunk-blocks", type=_positive_int, metavar="N", help="blocks per recurrent "
+         "call (memory bound; default: automatic)")
 
     g = p.add_argument_group("schedule and stopping")
     _add(g, "--epochs", type=_positive_int, help=f"epochs (default {d.epochs})")

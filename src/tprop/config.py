@@ -14,8 +14,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("bptt",)
-OPTIMS = ("sgd", "adagrad", "adam", "rmsprop")
+METHODS = ("bptt", "pm", "admm", "alm")
+BTPROP_METHODS = ("pm", "admm", "alm")
+OPTIMS = ("sgd", "adagrad", "adam", "rmsprop", "nag")
+H_OPTIMS = ("sgd", "adagrad", "nag")
+H_INITS = ("forward", "forward-parallel", "zero", "persist")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -43,7 +46,7 @@ class TrainConfig:
     dropout: float = 0.0
     tied: bool = False
     init_range: float = 0.1
-    # truncated BPTT layout
+    # layout: K is the BPTT window and the TPROP block size (--bptt / --block-size)
     bptt: int = 10
     batch_size: int = 32
     # optimisation
@@ -60,6 +63,25 @@ class TrainConfig:
     lr_decay: float = 1.0
     lr_decay_start: int = 1
     max_ppl: float | None = None
+    # block target propagation (methods pm, admm, alm)
+    blocks_per_update: int | str = 32
+    h_steps: int = 10
+    h_lr: float = 1.0
+    h_tol: float = 0.0
+    h_clip: float = 0.0
+    h_optim: str = "adagrad"
+    h_init: str = "forward"
+    theta_steps: int = 5
+    lam: float = 1.0
+    lambda_mult: float = 1.0
+    u_lr: float = 1.0
+    u_clip: float = 0.0
+    u_start: int = 3
+    alm_max_steps: int = 10
+    alm_grad_tol: float = 0.0
+    arctanh: bool = False
+    positional_ppl: bool = False
+    chunk_blocks: int | None = None
     # evaluation
     eval_batch_size: int = 10
     eval_train: bool = False
@@ -98,7 +120,8 @@ class TrainConfig:
 
         def need(ok: bool, flag: str, what: str) -> None:
             if not ok:
-                val = getattr(self, flag.lstrip("-").replace("-", "_"))
+                key = flag.lstrip("-").replace("-", "_")
+                val = getattr(self, {"lambda": "lam"}.get(key, key), None)
                 raise ConfigError(f"{flag}: {what} (got {val!r})")
 
         need(self.method in METHODS, "--method", f"one of {', '.join(METHODS)}")
@@ -123,6 +146,22 @@ class TrainConfig:
         need(0 < self.lr_decay <= 1, "--lr-decay", "must be in (0, 1]")
         need(self.max_ppl is None or self.max_ppl > 1, "--max-ppl", "must be > 1")
         need(self.device in DEVICES, "--device", f"one of {', '.join(DEVICES)}")
+        # block target propagation
+        bpu = self.blocks_per_update
+        need(bpu == "all" or (isinstance(bpu, int) and not isinstance(bpu, bool) and bpu >= 1),
+             "--blocks-per-update", "a number >= 1 or 'all'")
+        for name in ("h_steps", "h_tol", "h_clip", "u_clip", "alm_grad_tol"):
+            need(getattr(self, name) >= 0, "--" + name.replace("_", "-"), "must be >= 0")
+        for name in ("theta_steps", "u_start", "alm_max_steps"):
+            need(getattr(self, name) >= 1, "--" + name.replace("_", "-"), "must be >= 1")
+        for name in ("h_lr", "u_lr", "lam", "lambda_mult"):
+            v = getattr(self, name)
+            flag = "--lambda" if name == "lam" else "--" + name.replace("_", "-")
+            need(v > 0 and math.isfinite(v), flag, "must be > 0")
+        need(self.h_optim in H_OPTIMS, "--h-optim", f"one of {', '.join(H_OPTIMS)}")
+        need(self.h_init in H_INITS, "--h-init", f"one of {', '.join(H_INITS)}")
+        need(self.chunk_blocks is None or self.chunk_blocks >= 1, "--chunk-blocks",
+             "must be >= 1")
         return self
 
 

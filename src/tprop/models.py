@@ -127,6 +127,13 @@ class RNNLM(nn.Module):
         logits, state = self.forward(inputs, self.unflatten_state(flat_state))
         return logits, self.flatten_state(state)
 
+    def final_state_flat(self, inputs: torch.Tensor, flat_state: torch.Tensor) -> torch.Tensor:
+        """The flat state after running ``(T, B)`` tokens from flat states ``(B, state_dim)``;
+        the decoder is not run."""
+        emb = self.drop(self.encoder(inputs))
+        _, state = self.rnn(emb, self.unflatten_state(flat_state))
+        return self.flatten_state(state)
+
     def config(self) -> dict:
         """Constructor arguments (plain data) that rebuild this model."""
         return dict(ntoken=self.ntoken, emsize=self.emsize, nhid=self.nhid,

@@ -314,6 +314,8 @@ TRAINERS: dict[str, Callable[..., Trainer]] = {"bptt": BPTTTrainer}
 def make_trainer(cfg: TrainConfig, run_dir: str | Path | None = None,
                  corpus: Corpus | None = None) -> Trainer:
     """The trainer for ``cfg.method``."""
+    from . import btprop  # noqa: F401  (registers the block-TPROP methods)
+
     try:
         cls = TRAINERS[cfg.method]
     except KeyError:

@@ -254,9 +254,12 @@ def content_key(files: dict[str, Path], fmt: str) -> str:
     """A hash of the three files' bytes and the format: the token cache's key."""
     h = hashlib.sha256(f"tprop-tokens-v{_CACHE_VERSION}:{fmt}".encode())
     for s in SPLITS:
-        with open(files[s], "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        try:
+            with open(files[s], "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            raise CorpusError(f"cannot read {files[s]}: {e.strerror}") from None
         h.update(b"\0" + s.encode() + b"\0")
     return h.hexdigest()
 
