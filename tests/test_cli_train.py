@@ -188,9 +188,6 @@ def test_diverging_run_exit_code(corpus_dir: Path, tmp_path: Path,
     assert "diverged" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: Trainer.__init__ creates the run directory "
-                   "before loading the corpus and checking the layout, so a start that fails "
-                   "(unknown corpus, --bptt too long, ...) leaves an empty run directory")
 @pytest.mark.parametrize("args", [["--dataset", "nosuch"], ["--bptt", "100000"]])
 def test_failed_start_leaves_no_run_directory(corpus_dir: Path, tmp_path: Path,
                                               args: list[str]) -> None:
@@ -202,9 +199,6 @@ def test_failed_start_leaves_no_run_directory(corpus_dir: Path, tmp_path: Path,
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: LoadedRun.evaluate ('cut as in training') "
-                   "does not cut the train split to --train-tokens, so `tprop eval --split "
-                   "train` scores the whole split, not what the run trained on")
 def test_eval_train_split_is_the_trained_part(corpus_dir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"

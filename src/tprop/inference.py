@@ -32,8 +32,7 @@ class LoadedRun:
         if self.corpus is None:
             raise ConfigError("this run was loaded without its corpus")
         data = self.corpus.split(split)
-        if split != "train":
-            data = data[: self.cfg.eval_tokens]
+        data = data[: self.cfg.train_tokens if split == "train" else self.cfg.eval_tokens]
         return evaluate(self.model, data.to(self.device), batch_size or self.cfg.eval_batch_size)
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(obj), f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -84,6 +85,7 @@ class RunDir:
         with os.fdopen(fd, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, self.metrics_file)
 
     def write_summary(self, summary: dict) -> None:

@@ -57,8 +57,6 @@ class Trainer(ABC):
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.run = RunDir(run_dir) if run_dir is not None else None
-        if self.run is not None:
-            self.run.create()
         torch.manual_seed(cfg.seed)
 
         self.corpus = corpus if corpus is not None else load_corpus(
@@ -82,6 +80,8 @@ class Trainer(ABC):
         self.wall_offset = 0.0  # seconds spent before a resume
         self.status = "running"
         self._best_in_memory: dict[str, torch.Tensor] | None = None
+        if self.run is not None:  # only once everything above succeeded
+            self.run.create()
 
     # --------------------------------------------------------------- per method
     @abstractmethod
