@@ -59,9 +59,9 @@ def block_terms(
     k = inputs.shape[0]
     out, state = model.recur(inputs, model.unflatten_state(entering))
     final = model.flatten_state(state)
-    logits = model.decode(out[:, skip_loss:])
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                          targets[:, skip_loss:].reshape(-1), reduction="none")
+    hidden = out[:, skip_loss:].reshape(-1, out.shape[-1])  # 2-D: one matmul, not a bmm
+    logits = model.decode(hidden)
+    tok = F.cross_entropy(logits, targets[:, skip_loss:].reshape(-1), reduction="none")
     ce = tok.sum() / k
     r = final - next_states
     if dual is not None:

@@ -1,0 +1,417 @@
+"""The Block TPROP objective J(θ, Z, U) and ``BlockProblem``, against explicit references.
+
+Every reference here is written from METHOD.md's formulas with plain autograd: a hand-written
+per-step cell loop (tanh RNN, GRU, LSTM, several layers) run block by block from each block's
+entering state, summed token cross entropy, explicit squared norms; nothing of the code under
+test is used to compute a reference except the parameter tensors themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tprop.models import RNNLM
+from tprop.objective import (
+    BlockProblem,
+    StateParam,
+    block_terms,
+    forward_states,
+    objective,
+)
+from tprop.solvers import PenaltyMethod, SolverSettings
+
+V, E, H = 11, 4, 5
+CASES = [(cell, L) for cell in ("rnn", "gru", "lstm") for L in (1, 2)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models; a long job shares this machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# --------------------------------------------------------------------------- references
+def make_model(cell: str, nlayers: int, seed: int = 0, init_range: float = 0.4) -> RNNLM:
+    torch.manual_seed(seed)
+    return RNNLM(V, E, H, nlayers, cell, init_range=init_range).double()
+
+
+def make_data(K: int, M: int, D: int, seed: int = 1, scale: float = 0.5):
+    """Time-major (K, M) inputs/targets, a fixed entering state (1, D), free states (M, D)
+    (row j = z_{j+1}) and duals (M, D)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, V, (K, M), generator=g)
+    targets = torch.randint(0, V, (K, M), generator=g)
+    z0 = scale * (2 * torch.rand(1, D, generator=g, dtype=torch.float64) - 1)
+    Z = scale * (2 * torch.rand(M, D, generator=g, dtype=torch.float64) - 1)
+    U = 0.3 * (2 * torch.rand(M, D, generator=g, dtype=torch.float64) - 1)
+    return inputs, targets, z0, Z, U
+
+
+def params_of(model: RNNLM) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())
+
+
+def ref_cell(P: dict[str, torch.Tensor], cell: str, L: int, Hd: int, x: torch.Tensor,
+             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One time step of an L-layer cell from the flat state [h_0..h_{L-1}, c_0..c_{L-1}]
+    (B, D); returns the top layer's h and the new flat state. PyTorch's gate conventions."""
+    hs = [state[:, l * Hd:(l + 1) * Hd] for l in range(L)]
+    cs = [state[:, (L + l) * Hd:(L + l + 1) * Hd] for l in range(L)]
+    new_h, new_c = [], []
+    inp = x
+    for l in range(L):
+        Wi, Wh = P[f"rnn.weight_ih_l{l}"], P[f"rnn.weight_hh_l{l}"]
+        bi, bh = P[f"rnn.bias_ih_l{l}"], P[f"rnn.bias_hh_l{l}"]
+        h = hs[l]
+        gi = inp @ Wi.t() + bi
+        gh = h @ Wh.t() + bh
+        if cell == "rnn":
+            h2 = torch.tanh(gi + gh)
+        elif cell == "gru":
+            ir, iz, in_ = gi.chunk(3, 1)
+            hr, hz, hn = gh.chunk(3, 1)
+            r = torch.sigmoid(ir + hr)
+            z = torch.sigmoid(iz + hz)
+            n = torch.tanh(in_ + r * hn)
+            h2 = (1 - z) * n + z * h
+        else:
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            c2 = torch.sigmoid(f) * cs[l] + torch.sigmoid(i) * torch.tanh(g)
+            h2 = torch.sigmoid(o) * torch.tanh(c2)
+            new_c.append(c2)
+        new_h.append(h2)
+        inp = h2
+    return inp, torch.cat(new_h + new_c, 1)
+
+
+def ref_block(P: dict[str, torch.Tensor], model: RNNLM, tokens: torch.Tensor,
+              targets: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block run step by step from its entering state z (1, D): the SUM of its token
+    cross entropies and the state after its last step (1, D)."""
+    state = z
+    loss = z.new_zeros(())
+    for t in range(tokens.shape[0]):
+        x = P["encoder.weight"][tokens[t]].unsqueeze(0)
+        top, state = ref_cell(P, model.cell, model.nlayers, model.nhid, x, state)
+        logits = top @ P["decoder.weight"].t() + P["decoder.bias"]
+        loss = loss - torch.log_softmax(logits, -1)[0, targets[t]]
+    return loss, state
+
+
+def ref_J(P: dict[str, torch.Tensor], model: RNNLM, inputs: torch.Tensor, targets: torch.Tensor,
+          z0: torch.Tensor, Z: torch.Tensor, lam: float, U: torch.Tensor | None = None):
+    """J = (1/K) Σ_j L_j(θ, z_j) + (λ/2) Σ_j ‖F_j(θ, z_j) − z_{j+1} + u_j‖², block by block.
+    Returns (J, ce part, penalty part, finals (M, D), Σ_j ‖F_j − z_{j+1}‖)."""
+    K, M = inputs.shape
+    ce = z0.new_zeros(())
+    pen = z0.new_zeros(())
+    res = z0.new_zeros(())
+    finals = []
+    for j in range(M):
+        enter = z0 if j == 0 else Z[j - 1:j]
+        Lj, Fj = ref_block(P, model, inputs[:, j], targets[:, j], enter)
+        r = Fj - Z[j:j + 1]
+        res = res + r.detach().pow(2).sum().sqrt()
+        if U is not None:
+            r = r + U[j:j + 1]
+        ce = ce + Lj / K
+        pen = pen + 0.5 * lam * (r * r).sum()
+        finals.append(Fj)
+    return ce + pen, ce, pen, torch.cat(finals, 0), res
+
+
+def ref_sequential(P: dict[str, torch.Tensor], model: RNNLM, inputs: torch.Tensor,
+                   z0: torch.Tensor) -> torch.Tensor:
+    """States after each block when the recurrence runs through the blocks in sequence."""
+    out, state = [], z0
+    for j in range(inputs.shape[1]):
+        _, state = ref_block(P, model, inputs[:, j], inputs[:, j], state)
+        out.append(state)
+    return torch.cat(out, 0)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10, atol: float = 1e-12) -> bool:
+    return bool(torch.allclose(a, b, rtol=rtol, atol=atol))
+
+
+# --------------------------------------------------------------------------- J's value
+@pytest.mark.parametrize("cell,nlayers", CASES)
+def test_objective_and_block_terms_equal_explicit_formula(cell: str, nlayers: int) -> None:
+    model = make_model(cell, nlayers)
+    K, M, lam = 3, 4, 0.7
+    x, y, z0, Z, U = make_data(K, M, model.state_dim)
+    P = params_of(model)
+    with torch.no_grad():
+        J, ce, pen, finals, _ = ref_J(P, model, x, y, z0, Z, lam, U)
+        J0, _, pen0, _, _ = ref_J(P, model, x, y, z0, Z, lam, None)
+        got = objective(model, x, y, z0, Z, lam, U)
+        got0 = objective(model, x, y, z0, Z, lam)
+        t = block_terms(model, x, y, torch.cat([z0, Z[:-1]]), Z, lam, U, keep_token_ce=True)
+    assert close(got, J) and close(got0, J0)
+    assert close(t.ce, ce) and close(t.penalty, pen) and close(t.total, J)
+    assert close(t.final, finals)
+    assert not close(pen, pen0)  # the duals matter: the test can tell them apart
+    # per-token cross entropies: (K, M), summing to K · ce
+    assert t.token_ce.shape == (K, M)
+    assert close(t.token_ce.sum() / K, ce)
+
+
+@pytest.mark.parametrize("cell,nlayers", [("gru", 1), ("lstm", 2)])
+def test_batched_blocks_equal_a_per_block_loop(cell: str, nlayers: int) -> None:
+    """One recurrent call over all blocks (the block index as the batch dimension) equals
+    calling block_terms block by block."""
+    model = make_model(cell, nlayers)
+    K, M, lam = 4, 5, 1.3
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=4)
+    entering = torch.cat([z0, Z[:-1]])
+    with torch.no_grad():
+        whole = block_terms(model, x, y, entering, Z, lam, U)
+        parts = [block_terms(model, x[:, j:j + 1], y[:, j:j + 1], entering[j:j + 1],
+                             Z[j:j + 1], lam, U[j:j + 1]) for j in range(M)]
+    assert close(whole.ce, sum(p.ce for p in parts))
+    assert close(whole.penalty, sum(p.penalty for p in parts))
+    assert close(whole.final, torch.cat([p.final for p in parts]))
+
+
+def test_skip_loss_leaves_out_the_first_blocks_cross_entropy() -> None:
+    model = make_model("lstm", 1)
+    K, M, lam = 3, 4, 0.5
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=5)
+    P = params_of(model)
+    entering = torch.cat([z0, Z[:-1]])
+    with torch.no_grad():
+        t = block_terms(model, x, y, entering, Z, lam, U, skip_loss=1)
+        _, ce, pen, _, _ = ref_J(P, model, x, y, z0, Z, lam, U)
+        L0, _ = ref_block(P, model, x[:, 0], y[:, 0], z0)
+    assert close(t.ce, ce - L0 / K)
+    assert close(t.penalty, pen)
+
+
+# --------------------------------------------------------------------------- chunking
+def reference_grads(model: RNNLM, x, y, z0, Z, lam, U):
+    P = params_of(model)
+    Zl = Z.clone().requires_grad_(True)
+    J, *_ = ref_J(P, model, x, y, z0, Zl, lam, U)
+    names = list(P)
+    grads = torch.autograd.grad(J, [P[n] for n in names] + [Zl])
+    return J.detach(), dict(zip(names, grads[:-1])), grads[-1]
+
+
+@pytest.mark.parametrize("cell,nlayers", [("rnn", 2), ("gru", 1), ("lstm", 2)])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunking_changes_neither_J_nor_gradients(cell: str, nlayers: int, chunk: int) -> None:
+    model = make_model(cell, nlayers)
+    K, M, lam = 3, 5, 0.9
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=6)
+    J, gP, gZ = reference_grads(model, x, y, z0, Z, lam, U)
+
+    model.zero_grad(set_to_none=True)
+    prob = BlockProblem(model, x, y, z0, Z, lam, U.clone(), chunk_blocks=chunk)
+    res = prob.evaluate(theta=True, states=True)
+    assert prob.chunk == chunk
+    assert abs(res.ce + res.penalty - float(J)) <= 1e-10 * abs(float(J))
+    for n, p in model.named_parameters():
+        assert close(p.grad, gP[n]), n
+    assert close(prob.w.grad, gZ)
+
+    # states only (the h-step's evaluation): the same Z-gradient, chunked or not
+    model.zero_grad(set_to_none=True)
+    prob2 = BlockProblem(model, x, y, z0, Z, lam, U.clone(), chunk_blocks=chunk)
+    prob2.evaluate(states=True)
+    assert close(prob2.w.grad, gZ)
+
+
+# --------------------------------------------------------------------------- finite differences
+def _fd(f, t: torch.Tensor, idx: tuple[int, ...], eps: float = 1e-6) -> float:
+    with torch.no_grad():
+        old = t[idx].item()
+        t[idx] = old + eps
+        fp = float(f())
+        t[idx] = old - eps
+        fm = float(f())
+        t[idx] = old
+    return (fp - fm) / (2 * eps)
+
+
+@pytest.mark.parametrize("cell,nlayers", [("gru", 1), ("lstm", 2)])
+def test_gradients_match_central_finite_differences(cell: str, nlayers: int) -> None:
+    model = make_model(cell, nlayers)
+    K, M, lam = 3, 3, 1.1
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=7)
+    Z, U = Z.clone().requires_grad_(True), U.clone().requires_grad_(True)
+    params = list(model.parameters())
+    J = objective(model, x, y, z0, Z, lam, U)
+    grads = torch.autograd.grad(J, params + [Z, U])
+
+    def f() -> torch.Tensor:
+        with torch.no_grad():
+            return objective(model, x, y, z0, Z, lam, U)
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for t, gt in zip(params + [Z, U], grads):
+        for _ in range(3):
+            idx = tuple(int(torch.randint(0, s, (1,), generator=g)) for s in t.shape)
+            fd = _fd(f, t.data if t.requires_grad else t, idx)
+            assert abs(gt[idx].item() - fd) <= 1e-6 * max(1.0, abs(fd)), (idx, gt[idx], fd)
+            checked += 1
+    assert checked == 3 * (len(params) + 2)
+
+
+def test_gradcheck_in_states_and_duals() -> None:
+    model = make_model("lstm", 1)
+    K, M, lam = 2, 3, 0.8
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=8)
+    Z, U = Z.clone().requires_grad_(True), U.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: objective(model, x, y, z0, a, lam, b), (Z, U),
+                                    eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- evaluate
+@pytest.mark.parametrize("cell,nlayers", [("rnn", 1), ("gru", 2), ("lstm", 1), ("lstm", 2)])
+def test_evaluate_states_fills_only_w_grad(cell: str, nlayers: int) -> None:
+    model = make_model(cell, nlayers)
+    K, M, lam = 3, 4, 1.7
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=9)
+    J, _, gZ = reference_grads(model, x, y, z0, Z, lam, U)
+    model.zero_grad(set_to_none=True)
+    prob = BlockProblem(model, x, y, z0, Z, lam, U.clone(), chunk_blocks=2)
+    res = prob.evaluate(states=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # restored after the h-pass
+    assert close(prob.w.grad, gZ)
+    with torch.no_grad():
+        _, _, pen, _, resid = ref_J(params_of(model), model, x, y, z0, Z, lam, U)
+    assert abs(res.penalty - float(pen)) <= 1e-10 * float(pen)
+    assert abs(res.residual - float(resid)) <= 1e-10 * float(resid)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_evaluate_states_with_arctanh_is_the_chain_rule(cell: str) -> None:
+    """With z = tanh(w) on the bounded part, ∂J/∂w = ∂J/∂z · (1 − z²) there, ∂J/∂z elsewhere."""
+    model = make_model(cell, 2)
+    K, M, lam = 3, 3, 1.2
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=10)
+    _, _, gZ = reference_grads(model, x, y, z0, Z, lam, U)
+    prob = BlockProblem(model, x, y, z0, Z, lam, U.clone(), arctanh=True)
+    assert close(prob.z, Z)
+    prob.evaluate(states=True)
+    b = model.nlayers * model.nhid if cell == "lstm" else model.state_dim
+    expect = gZ.clone()
+    expect[:, :b] *= 1 - Z[:, :b] ** 2
+    assert close(prob.w.grad, expect)
+
+
+@pytest.mark.parametrize("cell,nlayers", [("rnn", 2), ("gru", 1), ("lstm", 2)])
+def test_evaluate_theta_fills_only_parameter_grads(cell: str, nlayers: int) -> None:
+    model = make_model(cell, nlayers)
+    K, M, lam = 3, 4, 0.6
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=11)
+    J, gP, _ = reference_grads(model, x, y, z0, Z, lam, U)
+    with torch.no_grad():
+        _, ce, pen, _, resid = ref_J(params_of(model), model, x, y, z0, Z, lam, U)
+    model.zero_grad(set_to_none=True)
+    prob = BlockProblem(model, x, y, z0, Z, lam, U.clone(), chunk_blocks=3)
+    res = prob.evaluate(theta=True, token_ce=True)
+    assert prob.w.grad is None
+    for n, p in model.named_parameters():
+        assert close(p.grad, gP[n]), n  # unnormalised: J itself
+    assert abs(res.ce - float(ce)) <= 1e-10 * float(ce)
+    assert abs(res.penalty - float(pen)) <= 1e-10 * float(pen)
+    assert abs(res.residual - float(resid)) <= 1e-10 * float(resid)
+    assert res.token_ce.shape == (K,)
+    assert abs(float(res.token_ce.sum()) / K - float(ce)) <= 1e-10 * float(ce)
+
+
+def test_evaluate_without_gradients_accumulates_nothing() -> None:
+    model = make_model("lstm", 1)
+    x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=12)
+    prob = BlockProblem(model, x, y, z0, Z, 1.0, U.clone())
+    res = prob.evaluate()
+    assert prob.w.grad is None and all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        _, _, pen, _, resid = ref_J(params_of(model), model, x, y, z0, Z, 1.0, U)
+    # (ce is not compared: without theta=True the first block's loss, constant in Z, is
+    # skipped, as PassResult.ce documents)
+    assert abs(res.penalty - float(pen)) <= 1e-10 * float(pen)
+    assert abs(res.residual - float(resid)) <= 1e-10 * float(resid)
+
+
+# --------------------------------------------------------------------------- forward init
+@pytest.mark.parametrize("cell,nlayers", CASES)
+def test_forward_init_gives_zero_residuals(cell: str, nlayers: int) -> None:
+    model = make_model(cell, nlayers)
+    K, M = 3, 5
+    x, y, z0, _, _ = make_data(K, M, model.state_dim, seed=13)
+    model.train()
+    z = forward_states(model, x, z0)
+    assert model.training  # mode restored
+    with torch.no_grad():
+        assert close(z, ref_sequential(params_of(model), model, x, z0))
+    prob = BlockProblem(model, x, y, z0, z, 2.0, chunk_blocks=2)
+    F_ = prob.final_states()
+    assert (F_ - prob.z).abs().max() <= 1e-12
+    assert close(prob.last_final, F_[-1:])
+    res = prob.evaluate()
+    assert res.residual <= 1e-11 and res.penalty <= 1e-22
+    # and a non-forward initialisation has non-zero residuals (the check can fail)
+    prob0 = BlockProblem(model, x, y, z0, torch.zeros_like(z), 2.0)
+    assert (prob0.final_states() - prob0.z).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- arctanh
+@pytest.mark.parametrize("cell,nlayers", [("rnn", 2), ("gru", 1), ("lstm", 1), ("lstm", 2)])
+def test_state_param_tanh_on_the_bounded_part(cell: str, nlayers: int) -> None:
+    model = make_model(cell, nlayers)
+    D = model.state_dim
+    b = nlayers * H if cell == "lstm" else D
+    w = 3 * torch.randn(4, D)
+    sp = StateParam(model, arctanh=True)
+    z = sp.to_z(w)
+    assert close(z[:, :b], torch.tanh(w[:, :b]))
+    assert close(z[:, b:], w[:, b:])  # an LSTM's cell states are unbounded
+    zin = torch.cat([0.999 * (2 * torch.rand(4, b) - 1), 5 * torch.randn(4, D - b)], 1)
+    assert close(sp.to_z(sp.to_w(zin)), zin, rtol=1e-9, atol=1e-12)
+    # without arctanh: the identity, and to_w copies
+    plain = StateParam(model, arctanh=False)
+    assert torch.equal(plain.to_z(w), w)
+    w2 = plain.to_w(w)
+    assert torch.equal(w2, w) and w2.data_ptr() != w.data_ptr()
+
+
+@pytest.mark.parametrize("cell,h_optim,h_lr", [("gru", "sgd", 50.0), ("lstm", "sgd", 50.0),
+                                               ("lstm", "adagrad", 3.0)])
+def test_arctanh_keeps_h_strictly_inside_after_large_h_steps(cell: str, h_optim: str,
+                                                             h_lr: float) -> None:
+    model = make_model(cell, 1)
+    K, M = 3, 4
+    x, y, z0, _, _ = make_data(K, M, model.state_dim, seed=14)
+    b = model.nhid
+    # targets pushed towards and beyond the bounds
+    Z = torch.cat([0.95 * torch.sign(torch.randn(M, b)), torch.randn(M, model.state_dim - b)], 1)
+    Z = Z[:, :model.state_dim]
+    prob = BlockProblem(model, x, y, z0, Z, 20.0, 2.0 * torch.sign(torch.randn(M, model.state_dim)),
+                        arctanh=True)
+    solver = PenaltyMethod(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           SolverSettings(h_steps=60, h_lr=h_lr, h_optim=h_optim, lam=20.0))
+    assert solver.h_steps(prob) == 60
+    z = prob.z
+    assert torch.isfinite(z).all()
+    assert z[:, :b].abs().max() < 1.0
+    assert (z[:, :b] != prob.w[:, :b].detach()).any()  # really reparametrised
