@@ -188,8 +188,10 @@ class Trainer(ABC):
             self.status = "early-stopped" if self.schedule.stop else "finished"
         except Diverged as e:
             self.status = "diverged"
-            self.log(f"stopping: training diverged at {e}. The best checkpoint so far is kept"
-                     + (f" ({run.best_ckpt})." if run is not None else "."))
+            kept = (f" The best checkpoint so far is kept ({run.best_ckpt})."
+                    if run is not None and run.best_ckpt.is_file() else
+                    " No epoch finished, so there is no checkpoint." if self.epoch == 0 else "")
+            self.log(f"stopping: training diverged at {e}.{kept}")
         except KeyboardInterrupt:
             self.status = "interrupted"
             if run is not None:
