@@ -15,7 +15,7 @@ from test_objective import ref_block, ref_sequential
 
 import tprop.btprop as btp
 from tprop.cli import main
-from tprop.config import TrainConfig, make_config
+from tprop.config import ConfigError, TrainConfig, make_config
 from tprop.objective import BlockProblem
 from tprop.rundir import RunDir
 from tprop.train import make_trainer, resume_trainer, train
@@ -84,26 +84,6 @@ def spy_problems(monkeypatch: pytest.MonkeyPatch, on_new=None) -> list[dict]:
 
     monkeypatch.setattr(btp, "BlockProblem", Spy)
     return seen
-
-
-DUAL_BUG = ("BUG: BlockProblem.z returns the live leaf w when arctanh is off, so the dual "
-            "step's u.add_(F - z) records autograd history in the persistent duals; the next "
-            "backward through the penalty then raises 'Trying to backward through the graph a "
-            "second time': ADMM/ALM crash once dual steps start (epoch >= u_start)")
-
-
-def with_dual_bug_workaround(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
-    """Where ``on``, make ``BlockProblem.z`` the detached value its docstring promises, so that
-    the tests below check the rest of the machinery; the ``on=False`` cases run the code as
-    it is (marked xfail while the bug lasts)."""
-    if on:
-        monkeypatch.setattr(BlockProblem, "z", property(
-            lambda self: self.param.to_z(self.w).detach().clone()))
-
-
-WORKAROUND = [pytest.param(True, id="workaround"),
-              pytest.param(False, id="as-is", marks=pytest.mark.xfail(strict=True,
-                                                                      reason=DUAL_BUG))]
 
 
 # --------------------------------------------------------------------------- BPTT trajectory
@@ -220,11 +200,8 @@ def test_forward_parallel_in_training(corpus_dir: Path, float64,
         assert torch.equal(cur["z_fixed"], prev["problem"].last_final)
 
 
-@pytest.mark.parametrize("workaround", WORKAROUND)
 def test_batch_mode_keeps_Z_and_U_across_epochs(corpus_dir: Path, float64,
-                                                monkeypatch: pytest.MonkeyPatch,
-                                                workaround: bool) -> None:
-    with_dual_bug_workaround(monkeypatch, workaround)
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     seen = spy_problems(monkeypatch)
     cfg = cfg_for(corpus_dir, method="admm", blocks_per_update="all", h_init="forward",
                   u_start=1, epochs=3, h_steps=3, theta_steps=2)
@@ -259,10 +236,6 @@ def test_batch_mode_keeps_Z_and_U_across_epochs(corpus_dir: Path, float64,
     assert not torch.equal(after[0][1], after[1][1])  # the duals moved in epoch 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: BlockProblem.z is the live leaf w (arctanh off), "
-                   "so `self.Z[a:b] = problem.z` and the dual step's `u.add_(F - z)` give the "
-                   "trainer's persistent Z and U autograd history (requires_grad, a growing "
-                   "CopySlices chain holding every update's w)")
 def test_stored_states_and_duals_carry_no_autograd_history(corpus_dir: Path) -> None:
     tr = make_trainer(cfg_for(corpus_dir, method="admm", blocks_per_update=5,
                               h_init="persist", u_start=1, epochs=1))
@@ -272,14 +245,8 @@ def test_stored_states_and_duals_carry_no_autograd_history(corpus_dir: Path) -> 
 
 
 # --------------------------------------------------------------------------- metrics
-@pytest.mark.parametrize("method,workaround", [
-    ("pm", False), ("admm", True), ("alm", True),
-    *(pytest.param(m, False, id=f"{m}-as-is", marks=pytest.mark.xfail(strict=True,
-                                                                    reason=DUAL_BUG))
-      for m in ("admm", "alm"))])
-def test_metrics_rows(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                      method: str, workaround: bool) -> None:
-    with_dual_bug_workaround(monkeypatch, workaround)
+@pytest.mark.parametrize("method", ["pm", "admm", "alm"])
+def test_metrics_rows(corpus_dir: Path, tmp_path: Path, method: str) -> None:
     cfg = cfg_for(corpus_dir, method=method, epochs=2, u_start=1, h_init="zero",
                   positional_ppl=True, alm_max_steps=2, h_steps=3, lam=0.5, lambda_mult=2.0)
     train(cfg, tmp_path / "run")
@@ -301,12 +268,9 @@ def test_metrics_rows(corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
 
 # --------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("workaround", WORKAROUND)
 @pytest.mark.parametrize("bpu", [5, "all"])
 def test_resume_equals_straight_run(corpus_dir: Path, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch, bpu: int | str,
-                                    workaround: bool) -> None:
-    with_dual_bug_workaround(monkeypatch, workaround)
+                                    bpu: int | str) -> None:
     def cfg(epochs: int) -> TrainConfig:
         return cfg_for(corpus_dir, method="admm", u_start=2, dropout=0.2, epochs=epochs,
                        blocks_per_update=bpu, h_init="forward", h_optim="adagrad", h_lr=0.05,
@@ -377,3 +341,15 @@ def test_cli_errors(corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("blocks_per_update", 0, "--blocks-per-update"),
+    ("blocks_per_update", "some", "--blocks-per-update"),
+    ("lam", -1.0, "--lambda"),
+    ("h_init", "nope", "--h-init"),
+])
+def test_config_rejects_bad_block_settings(corpus_dir: Path, field: str, value: Any,
+                                           flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        cfg_for(corpus_dir, **{field: value})

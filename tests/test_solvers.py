@@ -151,9 +151,6 @@ def e1_grad(model: RNNLM, K: int, M: int, eta: float) -> tuple[torch.Tensor, tor
     return flat(rec[0]) * M, limit
 
 
-E1_ERRORS: dict[str, list[float]] = {}
-
-
 @pytest.mark.parametrize("cell,nlayers", [("lstm", 1), ("gru", 1), ("lstm", 2)])
 def test_E1_one_h_step_tends_to_bptt_plus_entering_state_term(cell: str, nlayers: int) -> None:
     model = make_model(cell, nlayers)
@@ -162,7 +159,6 @@ def test_E1_one_h_step_tends_to_bptt_plus_entering_state_term(cell: str, nlayers
     for eta in (1e-2, 1e-3, 1e-4):
         got, limit = e1_grad(model, K, M, eta)
         errs.append(rel(got, limit))
-    E1_ERRORS[f"{cell}-{nlayers}"] = errs
     print(f"E1 {cell} x{nlayers}: relative errors at eta 1e-2, 1e-3, 1e-4: {errs}")
     for a, b in zip(errs, errs[1:]):
         assert 5 < a / b < 20, errs  # linear in η
@@ -195,9 +191,6 @@ def test_dual_step_formula(u_clip: float) -> None:
     assert prob.dual is dual
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: BlockProblem.z returns the leaf w itself when "
-                   "arctanh is off (StateParam.to_z is the identity), so dual_step's residual "
-                   "F - z requires grad and u.add_(r) gives the persistent duals autograd history")
 def test_dual_step_leaves_duals_without_autograd_history() -> None:
     model = make_model("lstm", 1)
     x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=5)
@@ -207,10 +200,6 @@ def test_dual_step_leaves_duals_without_autograd_history() -> None:
     assert not store.requires_grad and store.grad_fn is None
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: after a dual step the duals "
-                   "hold autograd history through the leaf w (BlockProblem.z is w itself), so "
-                   "the second backward through the penalty raises 'Trying to backward through "
-                   "the graph a second time'")
 @pytest.mark.parametrize("method", ["admm", "alm"])
 def test_update_after_a_dual_step_runs(method: str) -> None:
     model = make_model("lstm", 1)

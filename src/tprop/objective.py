@@ -102,7 +102,8 @@ class StateParam:
         if not self.bounded:
             return w
         b = self.bounded
-        return torch.cat([torch.tanh(w[:, :b]), w[:, b:]], 1)
+        h = torch.tanh(w[:, :b]).clamp(-1 + self.EPS, 1 - self.EPS)  # tanh rounds to ±1
+        return torch.cat([h, w[:, b:]], 1)
 
     def to_w(self, z: torch.Tensor) -> torch.Tensor:
         if not self.bounded:
@@ -165,12 +166,15 @@ class BlockProblem:
         self.lam = lam
         self.chunk = chunk_blocks or default_chunk(self.block_size, model.ntoken)
         self.last_final: torch.Tensor | None = None  # F of the last block, last pass
+        # False when z_fixed is another process's free state (tprop.distributed): the first
+        # block's loss then depends on the free states and is not skipped by h-steps
+        self.entering_fixed = True
 
     @property
     def z(self) -> torch.Tensor:
-        """Current free states ``(M, D)`` (detached)."""
+        """Current free states ``(M, D)``: a detached copy."""
         with torch.no_grad():
-            return self.param.to_z(self.w)
+            return self.param.to_z(self.w.detach()).clone()
 
     def _chunks(self) -> Iterator[tuple[int, int]]:
         for c0 in range(0, self.num_blocks, self.chunk):
@@ -186,7 +190,8 @@ class BlockProblem:
     def evaluate(self, *, theta: bool = False, states: bool = False,
                  token_ce: bool = False) -> PassResult:
         """Evaluate J over all blocks, accumulating ``.grad`` of the parameters (``theta``) and/or
-        of ``w`` (``states``); nothing is normalised here."""
+        of ``w`` (``states``); nothing is normalised here. Without ``theta`` the first block's
+        cross entropy (constant in Z) is not computed and not included in ``ce``."""
         w = self.w if states else self.w.detach()
         ce = pen = res = 0.0
         tok = torch.zeros(self.block_size, device=w.device) if token_ce else None
@@ -196,7 +201,7 @@ class BlockProblem:
             for c0, c1 in self._chunks():
                 entering, nxt = self._entering(w, c0, c1)
                 dual = self.dual[c0:c1] if self.dual is not None else None
-                skip = 1 if (c0 == 0 and not theta) else 0
+                skip = 1 if (c0 == 0 and not theta and self.entering_fixed) else 0
                 t = block_terms(self.model, self.inputs[:, c0:c1], self.targets[:, c0:c1],
                                 entering, nxt, self.lam, dual, skip_loss=skip,
                                 keep_token_ce=token_ce)

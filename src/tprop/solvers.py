@@ -140,7 +140,8 @@ class PenaltyMethod:
             stats.theta_steps += 1
 
     def dual_step(self, problem: BlockProblem) -> None:
-        """u_j ← u_j + ρ_u (F_j(θ, z_j) − z_{j+1}), the increment's norm clipped to ``u_clip``."""
+        """u_j ← u_j + ρ_u r_j with r_j = F_j(θ, z_j) − z_{j+1} (the dual gradient), the norm of
+        r over the update's blocks first clipped to ``u_clip``."""
         s = self.settings
         if problem.dual is None:
             raise ValueError("this problem has no duals")
