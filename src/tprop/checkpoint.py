@@ -6,6 +6,7 @@ maps to the CPU whatever device wrote it.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         cuda = state["cuda"]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+
+
+def encode_strings(items: list[str]) -> torch.Tensor:
+    """A list of strings as one uint8 tensor (JSON, UTF-8): fast to save and load."""
+    return torch.frombuffer(bytearray(json.dumps(items).encode()), dtype=torch.uint8)
+
+
+def decode_strings(t: torch.Tensor | list[str]) -> list[str]:
+    """Inverse of ``encode_strings`` (a plain list passes through)."""
+    if isinstance(t, list):
+        return t
+    return json.loads(bytes(t.numpy().tobytes()).decode())
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import __version__
 from .config import (
+    DTYPES,
     H_INITS,
     H_OPTIMS,
     METHODS,
@@ -85,11 +86,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _add(g, "--method", choices=METHODS, help=f"training method (default {d.method})")
     _add(g, "--out", metavar="DIR", help="run directory to create (default runs/<name>-<time>)")
     _add(g, "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last "
-         "checkpoint (only --epochs, --device, --threads, --quiet, --patience may change)")
+         "checkpoint (only --epochs, --device, --threads, --quiet, --patience, --dist-timeout "
+         "may change; --nproc may differ from the run's)")
     _add(g, "--seed", type=int, help=f"random seed (default {d.seed})")
     _add(g, "--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     _add(g, "--threads", type=_positive_int, help="CPU threads for torch (default: torch's)")
     _add(g, "--quiet", action="store_true", help="no progress bar (epoch lines still print)")
+    _add(g, "--dtype", choices=DTYPES, help="precision of the parameters and free states "
+         "(default: torch's, float32)")
+
+    g = p.add_argument_group("distributed (docs/distributed.md)")
+    _add(g, "--nproc", type=_positive_int, metavar="N", help="train on N processes of this "
+         "machine (runs torchrun --standalone --nproc-per-node N -m tprop train ...)")
+    _add(g, "--dist-timeout", type=_positive_float, metavar="SECONDS", help="how long a rank "
+         "waits for another before stopping with an error (default "
+         f"{d.dist_timeout:g})")
 
     g = p.add_argument_group("data")
     _add(g, "--dataset", metavar="NAME", help=f"named corpus: {', '.join(CORPORA)} "
@@ -281,10 +292,17 @@ def add_sweep_args(sub: Any) -> None:
 
 
 # ----------------------------------------------------------------- commands
-def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser,
+              argv: Sequence[str] | None = None) -> int:
+    from . import distributed
     from .train import make_trainer, resume_trainer
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
+    nproc = given.pop("nproc", 1)
+    if nproc > 1:  # relaunch this command under torchrun, on nproc local ranks
+        return distributed.launch_local(nproc, sys.argv[1:] if argv is None else argv)
+    if distributed.env_world_size() > 1:  # one rank of a torchrun job
+        return distributed.train_command(given)
     resume = given.pop("resume", None)
     if resume is not None:
         trainer = resume_trainer(resume, **given)
@@ -414,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            return cmd_train(args, parser)
+            return cmd_train(args, parser, argv)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "generate":

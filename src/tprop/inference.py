@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import decode_strings, load_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Corpus, Vocab, detokenize, load_corpus
 from .evaluate import evaluate
@@ -74,7 +74,7 @@ def load_run(
     model.load_state_dict(ckpt["model"])
     model.to(dev).eval()
     corpus = None
-    vocab = Vocab(ckpt["vocab"])
+    vocab = Vocab(decode_strings(ckpt["vocab"]))
     if need_data:
         corpus = load_corpus(cfg.dataset, data_dir or cfg.data_dir, fmt=cfg.format)
         if corpus.vocab != vocab:

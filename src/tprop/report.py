@@ -23,10 +23,12 @@ The ``[report]`` table of a sweep spec (kept in the sweep's ``sweep.json``) stee
     curves_by = "bptt"     # one validation-curve figure per block size
     train_curves = false   # also draw training perplexity, dashed
     log_y = "auto"         # true / false / "auto" (log when max/min > 3)
+    kind = "minibatch"     # the finding's plot: hidden_size, minibatch, block_size, or a field
     x = ["lam"]            # extra "perplexity against FIELD" plots
     series = ["method"]    # lines of those plots (default: the other varying fields)
     pivot = { rows = ["method", "h_steps"], columns = "bptt", values = ["test_ppl"] }
-    plots = ["curves", "hidden_size", "minibatch", "x"]  # which plots (default: all that apply)
+    plots = ["curves", "hidden_size", "minibatch", "x"]  # which plots (default: all that apply;
+                           # "x" stands for those of `kind` and `x`)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 
 from .config import BTPROP_METHODS, METHODS, TrainConfig
 
-IGNORE = {"out", "data_dir", "threads", "quiet", "device", "preset"}
+IGNORE = {"out", "data_dir", "threads", "quiet", "device", "preset", "dist_timeout"}
 BTPROP_ONLY = {"blocks_per_update", "h_steps", "h_lr", "h_tol", "h_clip", "h_optim", "h_init",
                "theta_steps", "lam", "lambda_mult", "u_lr", "u_clip", "u_start",
                "alm_max_steps", "alm_grad_tol", "arctanh", "positional_ppl", "chunk_blocks"}
@@ -64,6 +66,9 @@ AXIS = {"nhid": "hidden size (units)", "minibatch": "minibatch size (sequences o
         "per update)", "lam": "penalty weight λ", "bptt": "block size / window K",
         "h_steps": "h-steps per update"}
 ALIASES = {"lambda": "lam", "block_size": "bptt"}
+KINDS = {"hidden_size": "nhid", "minibatch": "minibatch", "minibatch_size": "minibatch",
+         "batch_size": "minibatch", "block_size": "bptt", "h_steps": "h_steps",
+         "lambda": "lam"}
 SHOWN = ("dataset", "format", "train_tokens", "eval_tokens", "model", "emsize", "nhid",
          "nlayers", "bptt", "batch_size", "blocks_per_update", "h_steps", "theta_steps", "lam",
          "optim", "lr", "clip", "epochs", "seed")
@@ -229,14 +234,19 @@ def _distinct(values: list[Any]) -> list[Any]:
 def varying_keys(runs: list[Run], preferred: list[str] = ()) -> list[str]:
     """Config fields with more than one (applicable) value across ``runs``, in a useful order.
 
-    ``minibatch`` replaces the BPTT/BTPROP minibatch fields when it varies.
+    ``minibatch`` replaces the BPTT/BTPROP minibatch fields (batch_size, update_freq,
+    full_batch, blocks_per_update) when it varies.
     """
     names = [f.name for f in fields(TrainConfig) if f.name not in IGNORE]
     vary = [k for k in names if len(_distinct([r.param(k) for r in runs])) > 1]
+    preferred = list(preferred)
     if len(_distinct([r.param("minibatch") for r in runs])) > 1:
-        vary = [k for k in vary if k not in MINIBATCH_KEYS or k in preferred]
-        vary.append("minibatch")
+        vary = [k for k in vary if k not in MINIBATCH_KEYS] + ["minibatch"]
+        first = next((i for i, k in enumerate(preferred) if k in MINIBATCH_KEYS), None)
+        if first is not None and "minibatch" not in preferred:
+            preferred.insert(first, "minibatch")
     order = [k for k in preferred if k in vary or k == "method"]
+    order = list(dict.fromkeys(order))
     return order + [k for k in vary if k not in order]
 
 
@@ -324,12 +334,13 @@ def pivot_tables(runs: list[Run], spec: dict[str, Any]) -> list[str]:
                    + " |")
         out.append("|" + "|".join(["---"] * len(rows) + ["---:"] * len(cols)) + "|")
         for key in row_keys:
-            cells = [fmt_value(v) for v in key]
+            cells = []
             for c in cols:
                 match = [r for r in runs if r.param(col) == c
                          and tuple(r.param(k) for k in rows) == key]
                 cells.append(fmt_ppl(match[0].value(value)) if match else " ")
-            out.append("| " + " | ".join(cells) + " |")
+            if any(c != " " for c in cells):  # rows without this column field are left out
+                out.append("| " + " | ".join([fmt_value(v) for v in key] + cells) + " |")
     return out
 
 
@@ -409,16 +420,18 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path, title: str,
 def _series_keys(runs: list[Run], keys: list[str], x: str) -> list[str]:
     """The varying keys that tell a plot's lines apart: not x, nor functions of x."""
     skip = {x} | (MINIBATCH_KEYS if x == "minibatch" else set())
+    on_axis = [r for r in runs if r.param(x) is not None]
     out = []
     for k in keys:
         if k in skip:
             continue
         mapping: dict[str, set] = {}
-        for r in runs:
+        for r in on_axis:
             mapping.setdefault(repr(r.param(x)), set()).add(repr(r.param(k)))
-        determined = all(len(v) == 1 for v in mapping.values()) and len(mapping) > 1
-        if not determined:
-            out.append(k)
+        values = set().union(*mapping.values()) if mapping else set()
+        if len(values) > 1 and all(len(v) == 1 for v in mapping.values()):
+            continue  # moves with x (e.g. emsize zipped with nhid): not a line of its own
+        out.append(k)
     return out
 
 
@@ -453,11 +466,13 @@ def plot_against(runs: list[Run], x: str, series: list[str], path: Path, title: 
         if categorical:
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels([fmt_value(v) for v in xs])
-        elif min(xs) > 0 and max(xs) / min(xs) >= 8:
-            ax.set_xscale("log")
-            ax.set_xticks(xs)
-            ax.set_xticklabels([fmt_value(v) for v in xs])
-            ax.minorticks_off()
+        else:
+            if min(xs) > 0 and max(xs) / min(xs) >= 8:
+                ax.set_xscale("log")
+                ax.minorticks_off()
+            if len(xs) <= 12:
+                ax.set_xticks(xs)
+                ax.set_xticklabels([fmt_value(v) for v in xs])
         if _use_log(values, log_y):
             ax.set_yscale("log")
         ax.set_xlabel(AXIS.get(x, HEADERS.get(x, x)))
@@ -553,7 +568,10 @@ def write_report(root: str | os.PathLike, title: str | None = None) -> Path:
     if want("minibatch") and "minibatch" in keys:
         xs.append(("minibatch", "Perplexity against minibatch size"))
     extra = settings.get("x", [])
-    for x in [extra] if isinstance(extra, str) else extra:
+    extra = [extra] if isinstance(extra, str) else list(extra)
+    if settings.get("kind"):  # the plot a finding is about, first
+        extra.insert(0, KINDS.get(settings["kind"], settings["kind"]))
+    for x in extra:
         x = _canon(x)
         if want("x") and x not in [a for a, _ in xs]:
             xs.append((x, f"Perplexity against {HEADERS.get(x, x)}"))

@@ -40,10 +40,15 @@ written ``_`` (``h_steps``; ``lambda`` and ``block_size`` are accepted for ``lam
     rows = ["method", "bptt"]
 
 ``grid`` may instead be an array of tables (``[[grid]]``): the runs are the union of the
-products of each table, e.g. BPTT over K alone beside PM over K x h-steps. A preset's grid
-value then replaces that key in every table that has it. A key that every run takes from
-the grid or zip may not also be in ``[base]`` or be a preset's scalar; one that only some
-``[[grid]]`` tables vary may: it is the value of the other tables' runs.
+products of each table, e.g. BPTT over K alone beside PM over K x h-steps. A single value
+(not a list) in a grid table sets that field for the table's runs without varying it (it is
+not part of the run names), e.g. ``epochs = 100`` for the batch-mode table only. In a
+preset's grid, a list replaces that key's list in every table that varies it, a single value
+the key's single value in every table that fixes it; an array of tables
+(``[[presets.NAME.grid]]``, one per ``[[grid]]`` table, maybe empty) changes or adds keys
+table by table instead. A key that every run takes from the grid or zip may not also be in
+``[base]`` or be a preset's scalar (set it in the preset's grid or zip); one that only some
+``[[grid]]`` tables set may: it is the value of the other tables' runs.
 
 Runs and their directories
 ==========================
@@ -101,14 +106,15 @@ class SpecError(ConfigError):
 DONE = ("finished", "early-stopped", "diverged")
 # Config fields that may differ between a run directory and the spec without making the
 # run another one (where it lies, how it is computed, how long it goes on).
-NOT_IDENTITY = ("out", "data_dir", "threads", "quiet", "device", "epochs", "patience")
+NOT_IDENTITY = ("out", "data_dir", "threads", "quiet", "device", "epochs", "patience",
+                "dist_timeout")
 # Fields a spec may not set (the sweep sets them).
 RESERVED = ("out",)
 ALIASES = {"lambda": "lam", "block_size": "bptt"}
 DISPLAY = {"lam": "lambda"}
 TOP_KEYS = ("title", "description", "base", "grid", "zip", "presets", "report")
-REPORT_KEYS = ("title", "rows", "curves_by", "train_curves", "x", "series", "pivot", "plots",
-               "log_y")
+REPORT_KEYS = ("title", "kind", "rows", "curves_by", "train_curves", "x", "series", "pivot",
+               "plots", "log_y")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _SAFE = re.compile(r"[^A-Za-z0-9._+\-]")
 
@@ -121,7 +127,7 @@ class Spec:
     name: str
     source: str
     base: dict[str, Any] = field(default_factory=dict)
-    grid: list[dict[str, list[Any]]] = field(default_factory=list)
+    grid: list[dict[str, Any]] = field(default_factory=list)  # list: varied; else: fixed
     zip: dict[str, list[Any]] = field(default_factory=dict)
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
@@ -129,12 +135,17 @@ class Spec:
     description: str | None = None
     text: str | None = None  # the TOML source, when read from a file
 
-    def keys(self) -> list[str]:
-        """The varying keys, in spec order (grid tables first, then zip)."""
-        out: list[str] = []
-        for g in self.grid:
-            out += [k for k in g if k not in out]
-        return out + [k for k in self.zip if k not in out]
+    def keys(self, preset: str | None = None) -> list[str]:
+        """The varying keys under ``preset``, in spec order (grid tables first, then zip)."""
+        _, grid, zipt, _ = resolve(self, preset)
+        return varying_keys(grid, zipt)
+
+
+def varying_keys(grid: list[dict[str, Any]], zipt: dict[str, list[Any]]) -> list[str]:
+    out: list[str] = []
+    for g in grid:
+        out += [k for k, v in g.items() if isinstance(v, list) and k not in out]
+    return out + [k for k in zipt if k not in out]
 
 
 @dataclass
@@ -208,6 +219,26 @@ def _lists(table: Any, where: str, source: str) -> dict[str, list[Any]]:
     return out
 
 
+def _grid_table(table: Any, where: str, source: str) -> dict[str, Any]:
+    """A grid table: lists (varied) and single values (fixed for the table's runs)."""
+    if not isinstance(table, dict):
+        raise SpecError(f"{source}: [{where}] must be a table of lists")
+    out: dict[str, Any] = {}
+    for key, values in table.items():
+        k = _canon_key(key, where, source)
+        if k in out:
+            raise SpecError(f"{source}: [{where}] {key} is given twice")
+        if isinstance(values, dict):
+            raise SpecError(f"{source}: [{where}] {key} must be a list of values or one value")
+        if isinstance(values, list):
+            if not values:
+                raise SpecError(f"{source}: [{where}] {key} must be a non-empty list of values")
+            out[k] = [_check_value(k, v, where, source) for v in values]
+        else:
+            out[k] = _check_value(k, values, where, source)
+    return out
+
+
 def _check_zip(z: dict[str, list[Any]], where: str, source: str) -> None:
     lengths = {k: len(v) for k, v in z.items()}
     if len(set(lengths.values())) > 1:
@@ -228,7 +259,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", name: str | None = 
         raw_grid = [raw_grid]
     if not isinstance(raw_grid, list):
         raise SpecError(f"{source}: [grid] must be a table or an array of tables ([[grid]])")
-    grid = [_lists(g, "grid", source) for g in raw_grid]
+    grid = [_grid_table(g, "grid", source) for g in raw_grid]
     grid = [g for g in grid if g]
     zipt = _lists(data.get("zip", {}), "zip", source)
     _check_zip(zipt, "zip", source)
@@ -253,13 +284,24 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", name: str | None = 
         scal = _scalars(ptable, where, source, skip=("grid", "zip", "report"))
         for k in scal:
             if k in varying:
-                raise SpecError(f"{source}: [{where}] {DISPLAY.get(k, k)} is varied by the spec; "
-                                f"set its values in [{where}.grid] or [{where}.zip]")
-        pgrid = _lists(ptable.get("grid", {}), f"{where}.grid", source)
-        for k in pgrid:
-            if not any(k in g for g in grid):
-                raise SpecError(f"{source}: [{where}.grid] {DISPLAY.get(k, k)} is not a key of "
-                                "[grid]")
+                raise SpecError(f"{source}: [{where}] {DISPLAY.get(k, k)} is set by [grid] or "
+                                f"[zip] for every run; set its values in [{where}.grid] or "
+                                f"[{where}.zip]")
+        raw_pgrid = ptable.get("grid", {})
+        pgrid: dict[str, Any] | list[dict[str, Any]]
+        if isinstance(raw_pgrid, list):  # [[presets.NAME.grid]]: one table per [[grid]] table
+            if len(raw_pgrid) != len(grid):
+                raise SpecError(f"{source}: [[{where}.grid]] has {len(raw_pgrid)} tables, "
+                                f"[[grid]] has {len(grid)}: give one (maybe empty) per table")
+            pgrid = [_grid_table(g, f"{where}.grid", source) for g in raw_pgrid]
+        else:
+            pgrid = _grid_table(raw_pgrid, f"{where}.grid", source)
+            for k, v in pgrid.items():
+                if not any(k in g and isinstance(g[k], list) == isinstance(v, list)
+                           for g in grid):
+                    what = "list" if isinstance(v, list) else "single value"
+                    raise SpecError(f"{source}: [{where}.grid] {DISPLAY.get(k, k)} is not a key "
+                                    f"of [grid] with a {what}")
         pzip = _lists(ptable.get("zip", {}), f"{where}.zip", source)
         for k in pzip:
             if k not in zipt:
@@ -314,10 +356,14 @@ def resolve(spec: Spec, preset: str | None = None
                             f"{known})")
         p = spec.presets[preset]
         base.update(p["base"])
-        for k, vals in p["grid"].items():
-            for g in grid:
-                if k in g:
-                    g[k] = list(vals)
+        if isinstance(p["grid"], list):  # one table of changes per grid table
+            for g, changes in zip(grid, p["grid"]):
+                g.update(copy.deepcopy(changes))
+        else:
+            for k, vals in p["grid"].items():  # a list replaces lists, a value values
+                for g in grid:
+                    if k in g and isinstance(g[k], list) == isinstance(vals, list):
+                        g[k] = copy.deepcopy(vals)
         zipt.update(p["zip"])
         report.update(p["report"])
     return base, grid, zipt, report
@@ -365,38 +411,42 @@ def expand(spec: Spec, preset: str | None = None, overrides: dict[str, Any] | No
     run's ``out`` is ``out/NAME``); ``threads`` defaults to ``max(1, cpus // workers)``.
     """
     base, grid, zipt, _ = resolve(spec, preset)
+    order = varying_keys(grid, zipt)
     over = {}
     for key, value in (overrides or {}).items():
         k = _canon_key(key, "overrides", spec.source)
-        if k in spec.keys():
+        if k in order:
             raise SpecError(f"{spec.source}: cannot override {DISPLAY.get(k, k)}: the spec varies "
                             "it")
         over[k] = value
-    combos: list[dict[str, Any]] = []
+    combos: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (varied, fixed) per run
     for g in grid or [{}]:
-        keys = list(g)
-        combos += [dict(zip(keys, vals)) for vals in itertools.product(*(g[k] for k in keys))]
+        keys = [k for k, v in g.items() if isinstance(v, list)]
+        fixed = {k: v for k, v in g.items() if not isinstance(v, list)}
+        combos += [(dict(zip(keys, vals)), fixed)
+                   for vals in itertools.product(*(g[k] for k in keys))]
     zkeys = list(zipt)
     zrows = [dict(zip(zkeys, vals)) for vals in zip(*(zipt[k] for k in zkeys))] or [{}]
-    order = spec.keys()
     if threads is None:
         threads = max(1, cpu_count() // max(1, workers))
     points: list[Point] = []
     seen: dict[str, str] = {}
     names: set[str] = set()
-    for combo in combos:
+    for combo, fixed in combos:
         for zrow in zrows:
             merged = {**combo, **zrow}
             params = {k: merged[k] for k in order if k in merged}
             ident = json.dumps(params, sort_keys=True, default=str)
             if ident in seen:
-                raise SpecError(f"{spec.source}: run {seen[ident]} appears twice in the grid")
+                raise SpecError(f"{spec.source}: run {seen[ident]} appears twice in the grid (runs "
+                                "must differ in a varied value: write a grid table's single "
+                                "values that tell runs apart as one-element lists)")
             name = run_name(params)
             if name in names:  # two values that look alike once made filesystem-safe
                 name = f"{name}-{_digest(params)}"
             names.add(name)
             seen[ident] = name
-            cfg: dict[str, Any] = {"quiet": True, **base, **params, **over}
+            cfg: dict[str, Any] = {"quiet": True, **base, **fixed, **params, **over}
             if "dataset" not in cfg and cfg.get("data_dir"):
                 cfg["dataset"] = None
             cfg.setdefault("threads", threads)
@@ -471,6 +521,20 @@ def _result_from_summary(summary: dict[str, Any] | None) -> dict[str, Any]:
                                   "train_ppl_at_best", "epochs_run", "wall_s")}
 
 
+_CORPUS: dict[tuple, Any] = {}  # the last corpus a run of this process loaded
+
+
+def _corpus(cfg: TrainConfig) -> Any:
+    """The run's corpus, reused from the previous run of this process when it is the same."""
+    from .data import load_corpus
+
+    key = (cfg.dataset, str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, cfg.format)
+    if key not in _CORPUS:
+        _CORPUS.clear()
+        _CORPUS[key] = load_corpus(cfg.dataset, cfg.data_dir, fmt=cfg.format)
+    return _CORPUS[key]
+
+
 def run_point(task: dict[str, Any]) -> dict[str, Any]:
     """Run, resume or continue one point (a worker's job); never raises but on Ctrl-C.
 
@@ -479,7 +543,6 @@ def run_point(task: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from .data import load_corpus
     from .train import make_trainer, resume_trainer
 
     run_dir = Path(task["dir"])
@@ -493,13 +556,13 @@ def run_point(task: dict[str, Any]) -> dict[str, Any]:
     try:
         with sink:
             cfg = make_config(**task["config"])
+            corpus = _corpus(cfg)
             if task["action"] == "resume":
-                corpus = load_corpus(cfg.dataset, cfg.data_dir, fmt=cfg.format)
                 trainer = resume_trainer(run_dir, corpus=corpus, epochs=cfg.epochs,
                                          threads=cfg.threads, quiet=cfg.quiet,
                                          device=cfg.device, patience=cfg.patience)
             else:
-                trainer = make_trainer(cfg, run_dir)
+                trainer = make_trainer(cfg, run_dir, corpus=corpus)
             summary = trainer.fit()
         result = _result_from_summary(summary)
     except KeyboardInterrupt:
@@ -507,6 +570,8 @@ def run_point(task: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any failure of one run is recorded, never fatal
         err_file.write_text(traceback.format_exc())
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if len(msg) > 200:
+            msg = msg[:197] + "..."
         result = {"status": "failed", "error": f"{type(e).__name__}: {msg}".rstrip(": ")}
     finally:
         torch.set_num_threads(threads_before)
@@ -559,7 +624,8 @@ def _write_index(out: Path, spec: Spec, preset: str | None, report: dict[str, An
 
     write_json_atomic(out / "sweep.json", {
         "spec": spec.name, "source": spec.source, "preset": preset, "title": spec.title,
-        "description": spec.description, "keys": [DISPLAY.get(k, k) for k in spec.keys()],
+        "description": spec.description,
+        "keys": [DISPLAY.get(k, k) for k in spec.keys(preset)],
         "report": report, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": runs,
     })
 

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    encode_strings,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import ConfigError, TrainConfig
 from .data import Corpus, StreamColumns, load_corpus
 from .evaluate import evaluate, perplexity
@@ -73,6 +79,8 @@ class Trainer(ABC):
         self.max_ppl = cfg.max_ppl if cfg.max_ppl is not None else 2.0 * self.ntoken
 
         self.model = build_model(cfg, self.ntoken).to(self.device)
+        if cfg.dtype is not None:
+            self.model.to(dtype=getattr(torch, cfg.dtype))
         self.schedule = LRSchedule(cfg.lr, cfg.lrshrink, cfg.tol, cfg.patience, cfg.lr_decay,
                                    cfg.lr_decay_start)
         self.setup()
@@ -121,7 +129,7 @@ class Trainer(ABC):
             "method_state": self.method_state(),
             "rng": rng_state(),
             "wall_s": self.wall_offset,
-            "vocab": list(self.corpus.vocab.itos),
+            "vocab": encode_strings(self.corpus.vocab.itos),
             "format": self.corpus.format,
         }
 
@@ -133,6 +141,10 @@ class Trainer(ABC):
         self.epoch = ckpt["epoch"]
         self.wall_offset = ckpt["wall_s"]
         set_rng_state(ckpt["rng"])
+
+    def evaluate_loss(self, data: torch.Tensor) -> float:
+        """Mean token cross entropy over a split (distributed runs use rank 0's value)."""
+        return evaluate(self.model, data, self.cfg.eval_batch_size)[0]
 
     def check_finite(self, loss: float, where: str) -> None:
         if not math.isfinite(loss) or perplexity(loss) > self.max_ppl:
@@ -156,7 +168,7 @@ class Trainer(ABC):
                 stats = self.train_epoch(epoch, lr)
                 train_s = time.perf_counter() - t0
                 self.check_finite(stats["train_loss"], f"epoch {epoch} (training)")
-                valid_loss, _ = evaluate(self.model, self.valid_data, cfg.eval_batch_size)
+                valid_loss = self.evaluate_loss(self.valid_data)
                 self.check_finite(valid_loss, f"epoch {epoch} (validation)")
                 row = {
                     "epoch": epoch, "lr": lr, "train_loss": stats["train_loss"],
@@ -164,7 +176,7 @@ class Trainer(ABC):
                     "valid_loss": valid_loss, "valid_ppl": perplexity(valid_loss),
                 }
                 if cfg.eval_train:
-                    tl, _ = evaluate(self.model, self.train_data, cfg.eval_batch_size)
+                    tl = self.evaluate_loss(self.train_data)
                     row["train_eval_ppl"] = perplexity(tl)
                 row.update({k: v for k, v in stats.items() if k not in ("train_loss", "tokens")})
                 row["tokens_per_s"] = stats["tokens"] / max(train_s, 1e-9)
@@ -330,12 +342,12 @@ def resume_trainer(run_dir: str | Path, corpus: Corpus | None = None,
     """A trainer that continues the run in ``run_dir`` from its ``last.pt``.
 
     ``overrides`` may change fields that do not alter the trajectory: ``epochs``,
-    ``device``, ``quiet``, ``threads``, ``patience``.
+    ``device``, ``quiet``, ``threads``, ``patience``, ``dist_timeout``.
     """
     run = RunDir(run_dir)
     if not run.exists():
         raise ConfigError(f"--resume: {run_dir} is not a run directory (no config.json)")
-    allowed = {"epochs", "device", "quiet", "threads", "patience"}
+    allowed = {"epochs", "device", "quiet", "threads", "patience", "dist_timeout"}
     bad = set(overrides) - allowed
     if bad:
         raise ConfigError(f"--resume: cannot change {', '.join(sorted(bad))} of an existing run")
