@@ -20,6 +20,7 @@ OPTIMS = ("sgd", "adagrad", "adam", "rmsprop", "nag")
 H_OPTIMS = ("sgd", "adagrad", "nag")
 H_INITS = ("forward", "forward-parallel", "zero", "persist")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,8 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"
     threads: int | None = None
+    dtype: str | None = None  # parameters and free states; None: torch's default (float32)
+    dist_timeout: float = 120.0  # seconds a rank waits for another (distributed runs)
     out: str | None = None
     quiet: bool = False
     preset: str | None = None
@@ -162,6 +165,9 @@ class TrainConfig:
         need(self.h_init in H_INITS, "--h-init", f"one of {', '.join(H_INITS)}")
         need(self.chunk_blocks is None or self.chunk_blocks >= 1, "--chunk-blocks",
              "must be >= 1")
+        need(self.dtype is None or self.dtype in DTYPES, "--dtype", f"one of {', '.join(DTYPES)}")
+        need(self.dist_timeout > 0 and math.isfinite(self.dist_timeout), "--dist-timeout",
+             "must be a positive number of seconds")
         return self
 
 
