@@ -69,7 +69,7 @@ from .evaluate import eval_chunk_len
 from .objective import BlockProblem, forward_states
 from .optim import build_optimizer, set_lr
 from .rundir import RunDir
-from .solvers import ADMM, ALM, PenaltyMethod, SolverSettings, UpdateStats, _clip
+from .solvers import ADMM, ALM, PenaltyMethod, SolverSettings, UpdateStats
 from .system import resolve_device
 from .train import BPTTTrainer, Trainer
 
@@ -349,8 +349,8 @@ class ShardedBlockProblem(BlockProblem):
 # ============================================================================ BTPROP solvers
 class _ShardedSolver:
     """What a solver does differently on a shard: θ-gradients all-reduced and divided by the
-    global number of blocks; free-state gradient norms (clipping, h_tol, ALM's stopping test)
-    and the dual increment's norm taken over all ranks."""
+    global number of blocks; free-state norms (clipping, h_tol, ALM's stopping test, the dual
+    gradient's clip) taken over all ranks. Everything else is the single-process solver."""
 
     comm: Comm
     params: list[torch.Tensor]
@@ -371,48 +371,9 @@ class _ShardedSolver:
             p.grad.copy_(flat[i:i + n].view_as(p))
             i += n
 
-    def _global_norm(self, t: torch.Tensor | None) -> float:
+    def _state_norm(self, t: torch.Tensor | None) -> float:
         sq = 0.0 if t is None else float(t.detach().double().pow(2).sum())
         return math.sqrt(float(self.comm.sum([sq])[0]))
-
-    def _clip_states(self, problem: BlockProblem, max_norm: float,
-                     norm: float | None = None) -> float:
-        """As ``clip_grad_norm_`` on the free states, with the norm over all ranks."""
-        g = problem.w.grad
-        total = self._global_norm(g) if norm is None else norm
-        if max_norm > 0 and g is not None:
-            coef = max_norm / (total + 1e-6)
-            if coef < 1:
-                g.mul_(coef)
-        return total
-
-    def h_steps(self, problem: BlockProblem) -> int:
-        s = self.settings
-        if s.h_steps <= 0:
-            return 0
-        opt = build_optimizer([problem.w], s.h_optim, s.h_lr)
-        taken = 0
-        for _ in range(s.h_steps):
-            problem.w.grad = None
-            problem.evaluate(states=True)
-            norm = self._clip_states(problem, s.h_clip)
-            if norm < s.h_tol:
-                break
-            opt.step()
-            taken += 1
-        problem.w.grad = None
-        return taken
-
-    def dual_step(self, problem: BlockProblem) -> None:
-        s = self.settings
-        if problem.dual is None:
-            raise ValueError("this problem has no duals")
-        r = problem.final_states() - problem.z
-        if s.u_clip > 0:
-            n = self._global_norm(r)
-            if n > s.u_clip:
-                r.mul_(s.u_clip / n)
-        problem.dual.add_(r, alpha=s.u_lr)
 
 
 class ShardedPM(_ShardedSolver, PenaltyMethod):
@@ -424,32 +385,7 @@ class ShardedADMM(_ShardedSolver, ADMM):
 
 
 class ShardedALM(_ShardedSolver, ALM):
-    def step(self, problem: BlockProblem, epoch: int) -> UpdateStats:
-        s = self.settings
-        stats = UpdateStats()
-        z_opt = build_optimizer([problem.w], s.h_optim, s.h_lr)
-        for i in range(s.alm_max_steps):
-            self.theta_optimizer.zero_grad(set_to_none=True)
-            problem.w.grad = None
-            res = problem.evaluate(theta=True, states=True, token_ce=s.positional and i == 0)
-            self._scale_theta_grads(problem)
-            if i == 0:
-                self._record(stats, res)
-            gt = _clip(self.params, 0.0)
-            gz = self._global_norm(problem.w.grad)
-            if (gt * gt + gz * gz) ** 0.5 < s.alm_grad_tol:
-                break
-            _clip(self.params, s.clip)
-            self._clip_states(problem, s.h_clip, norm=gz)
-            self.theta_optimizer.step()
-            z_opt.step()
-            stats.theta_steps += 1
-            stats.h_steps += 1
-        problem.w.grad = None
-        if epoch >= s.u_start:
-            self.dual_step(problem)
-        self.state["updates"] += 1
-        return stats
+    pass
 
 
 SHARDED_SOLVERS: dict[str, type[PenaltyMethod]] = {

@@ -118,7 +118,7 @@ class PenaltyMethod:
         for _ in range(s.h_steps):
             problem.w.grad = None
             problem.evaluate(states=True)
-            norm = _clip([problem.w], s.h_clip)
+            norm = self._clip_states(problem, s.h_clip)
             if norm < s.h_tol:
                 break
             opt.step()
@@ -147,10 +147,26 @@ class PenaltyMethod:
             raise ValueError("this problem has no duals")
         r = problem.final_states() - problem.z
         if s.u_clip > 0:
-            n = float(r.norm())
+            n = self._state_norm(r)
             if n > s.u_clip:
                 r.mul_(s.u_clip / n)
         problem.dual.add_(r, alpha=s.u_lr)
+
+    def _state_norm(self, t: torch.Tensor | None) -> float:
+        """Norm of a free-state-shaped tensor (over all shards in a distributed run)."""
+        return 0.0 if t is None else float(t.detach().double().norm())
+
+    def _clip_states(self, problem: BlockProblem, max_norm: float,
+                     norm: float | None = None) -> float:
+        """Clip the free states' gradient norm when ``max_norm`` > 0 (as ``clip_grad_norm_``);
+        return the norm before clipping."""
+        g = problem.w.grad
+        total = self._state_norm(g) if norm is None else norm
+        if max_norm > 0 and g is not None:
+            coef = max_norm / (total + 1e-6)
+            if coef < 1:
+                g.mul_(coef)
+        return total
 
     def _scale_theta_grads(self, problem: BlockProblem) -> None:
         for p in self.params:
@@ -203,11 +219,11 @@ class ALM(PenaltyMethod):
             if i == 0:
                 self._record(stats, res)
             gt = _clip(self.params, 0.0)
-            gz = float(problem.w.grad.norm())
+            gz = self._state_norm(problem.w.grad)
             if (gt * gt + gz * gz) ** 0.5 < s.alm_grad_tol:
                 break
             _clip(self.params, s.clip)
-            _clip([problem.w], s.h_clip)
+            self._clip_states(problem, s.h_clip, norm=gz)
             self.theta_optimizer.step()
             z_opt.step()
             stats.theta_steps += 1
