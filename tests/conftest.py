@@ -14,10 +14,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep the token cache and downloads of the test session out of the user's home."""
+    """Keep the token cache and downloads of the test session out of the user's home; one
+    torch thread."""
     os.environ["TPROP_CACHE"] = str(tmp_path_factory.mktemp("tprop-cache"))
     os.environ["TPROP_OFFLINE"] = "1"
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be busy
 
 
 def write_corpus(d: Path, n_train: int = 3000, n_eval: int = 400, seed: int = 0,
@@ -43,6 +44,17 @@ def write_corpus(d: Path, n_train: int = 3000, n_eval: int = 400, seed: int = 0,
     (d / "valid.txt").write_text(text(n_eval))
     (d / "test.txt").write_text(text(n_eval))
     return d
+
+
+@pytest.fixture
+def float64():
+    """Run the test with float64 as torch's default dtype."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 @pytest.fixture

@@ -16,15 +16,6 @@ SMALL = ["--model", "lstm", "--emsize", "8", "--nhid", "8", "--bptt", "5", "--ba
          "--eval-batch-size", "4", "--quiet", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread, above all on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "tiny")

@@ -210,14 +210,6 @@ def two_rank_results(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------- unit tests
 def test_split_is_balanced_and_nonempty_ranks_form_a_prefix() -> None:
     assert split(7, 2) == [(0, 4), (4, 7)]

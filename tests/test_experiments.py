@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from tprop.cli import main
 from tprop.experiments import PRESETS, experiments_dir, find_spec, list_specs, reproduce
@@ -16,14 +15,6 @@ from tprop.sweep import DONE, SpecError, expand, load_spec
 EXPECTED = ["batch_vs_minibatch", "block_size", "hidden_size", "minibatch_size",
             "regularisation"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_the_five_specs_are_shipped() -> None:

@@ -25,23 +25,9 @@ V, E, H = 11, 4, 5
 CASES = [(cell, L) for cell in ("rnn", "gru", "lstm") for L in (1, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models; a long job shares this machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+def _float64(float64):
+    """Every test of this module runs in float64."""
 
 
 # --------------------------------------------------------------------------- references

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import tprop.sweep as sw
 from tprop.cli import main
@@ -21,14 +20,6 @@ from tprop.sweep import (
     run_name,
     run_sweep,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_base(data_dir: Path, **kw: Any) -> dict[str, Any]:

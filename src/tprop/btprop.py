@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
+from .constraints import StateTerms
 from .data.layout import Blocks
 from .objective import BlockProblem, forward_states
 from .optim import build_optimizer, set_lr
@@ -27,15 +28,20 @@ from .train import TRAINERS, Trainer
 class BTPROPTrainer(Trainer):
     """Trains by the penalty method, ADMM or ALM (``cfg.method``) on blocks of ``cfg.bptt``."""
 
-    def setup(self) -> None:
-        cfg, model = self.cfg, self.model
+    def _layout(self) -> int:
+        """The block layout, batch or minibatch mode and M; returns N (number of blocks)."""
         try:
-            self.blocks = Blocks(self.train_data, cfg.bptt)
+            self.blocks = Blocks(self.train_data, self.cfg.bptt)
         except ValueError as e:
             raise ConfigError(f"--block-size: {e}") from None
         n = self.blocks.num_blocks
-        self.batch_mode = cfg.blocks_per_update == "all"
-        self.m = n if self.batch_mode else min(int(cfg.blocks_per_update), n)
+        self.batch_mode = self.cfg.blocks_per_update == "all"
+        self.m = n if self.batch_mode else min(int(self.cfg.blocks_per_update), n)
+        return n
+
+    def setup(self) -> None:
+        cfg, model = self.cfg, self.model
+        n = self._layout()
         theta_opt = build_optimizer(model.parameters(), cfg.optim, cfg.lr)
         self.solver = SOLVERS[cfg.method](model, theta_opt, SolverSettings.from_config(cfg))
         d = model.state_dim
@@ -105,6 +111,9 @@ class BTPROPTrainer(Trainer):
         carried = torch.zeros(1, model.state_dim, device=self.device,
                               dtype=model.decoder.weight.dtype)
         tot = {"ce": 0.0, "penalty": 0.0, "residual": 0.0, "h_steps": 0}
+        terms = StateTerms.from_config(cfg)  # None: the paper's objective
+        if terms is not None:
+            tot.update(kl=0.0, l1=0.0)
         pos = torch.zeros(k, device=self.device) if cfg.positional_ppl else None
         lam = self.solver.lam
         bar = self.progress(len(spans), f"epoch {epoch}")
@@ -114,7 +123,8 @@ class BTPROPTrainer(Trainer):
             x, y = self.blocks.span(a, b)
             dual = self.U[a:b] if self.U is not None else None
             problem = BlockProblem(model, x, y, carried, z_init, lam, dual,
-                                   arctanh=cfg.arctanh, chunk_blocks=cfg.chunk_blocks)
+                                   arctanh=cfg.arctanh, chunk_blocks=cfg.chunk_blocks,
+                                   terms=terms)
             stats: UpdateStats = self.solver.step(problem, epoch)
             carried = problem.last_final
             if self.Z is not None:
@@ -142,6 +152,8 @@ class BTPROPTrainer(Trainer):
             "lambda": lam,
             "updates": len(spans),
         }
+        if terms is not None:  # the extra terms, per block
+            out.update(kl=tot["kl"] / n, l1=tot["l1"] / n)
         if pos is not None:
             out["positional_ppl"] = [math.exp(min(v / n, 700.0)) for v in pos.tolist()]
         return out

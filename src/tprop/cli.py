@@ -13,9 +13,12 @@ from .config import (
     DTYPES,
     H_INITS,
     H_OPTIMS,
+    KL_DIRECTIONS,
     METHODS,
     OPTIMS,
+    PENALTIES,
     PRESETS,
+    STATE_CONSTRAINTS,
     ConfigError,
     TrainConfig,
     make_config,
@@ -166,6 +169,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
          "joint gradient norm (default 0: never)")
     _add(g, "--arctanh", action="store_true", help="optimise w with z = tanh(w) on the "
          "bounded state coordinates (keeps them in (-1, 1))")
+    _add(g, "--penalty", choices=PENALTIES, help="the term tying F_j to z_{j+1}: l2 (the "
+         "squared distance, default), kl (KL between the decoder's output distributions of "
+         "z_{j+1} and F_j), or both; ADMM/ALM duals attach to l2 only (docs/beyond.md)")
+    _add(g, "--kl-direction", choices=KL_DIRECTIONS, help="target-pred: KL(softmax g(z) || "
+         "softmax g(F)) (default); pred-target: the other direction")
+    _add(g, "--kl-weight", type=_positive_float, help=f"weight of the KL term "
+         f"(default {d.kl_weight:g})")
+    _add(g, "--state-constraint", choices=STATE_CONSTRAINTS, help="none (default); box: keep "
+         "free states in the set the cell can produce (tanh RNN/GRU: as --arctanh; LSTM: "
+         "h = sigmoid(w_o)*tanh(c), c free); l1: sparsity penalty --l1-weight * |z|_1")
+    _add(g, "--l1-weight", type=_nonneg_float, help="weight of the l1 penalty on the free "
+         "states (needs --state-constraint l1)")
     _add(g, "--positional-ppl", action="store_true", help="record perplexity by position "
          "in the block")
     _add(g, "--chunk-blocks", type=_positive_int, metavar="N", help="blocks per recurrent "

@@ -20,6 +20,10 @@ OPTIMS = ("sgd", "adagrad", "adam", "rmsprop", "nag")
 H_OPTIMS = ("sgd", "adagrad", "nag")
 H_INITS = ("forward", "forward-parallel", "zero", "persist")
 DEVICES = ("auto", "cpu", "cuda")
+# constrained h-optimisation (tprop.constraints, docs/beyond.md)
+PENALTIES = ("l2", "kl", "l2+kl")
+KL_DIRECTIONS = ("target-pred", "pred-target")
+STATE_CONSTRAINTS = ("none", "box", "l1")
 DTYPES = ("float32", "float64")
 
 
@@ -81,6 +85,12 @@ class TrainConfig:
     alm_max_steps: int = 10
     alm_grad_tol: float = 0.0
     arctanh: bool = False
+    # constrained h-optimisation (tprop.constraints); the defaults are the paper's objective
+    penalty: str = "l2"
+    kl_direction: str = "target-pred"
+    kl_weight: float = 1.0
+    state_constraint: str = "none"
+    l1_weight: float = 0.0
     positional_ppl: bool = False
     chunk_blocks: int | None = None
     # evaluation
@@ -165,6 +175,21 @@ class TrainConfig:
         need(self.h_init in H_INITS, "--h-init", f"one of {', '.join(H_INITS)}")
         need(self.chunk_blocks is None or self.chunk_blocks >= 1, "--chunk-blocks",
              "must be >= 1")
+        need(self.penalty in PENALTIES, "--penalty", f"one of {', '.join(PENALTIES)}")
+        need(self.kl_direction in KL_DIRECTIONS, "--kl-direction",
+             f"one of {', '.join(KL_DIRECTIONS)}")
+        need(self.kl_weight > 0 and math.isfinite(self.kl_weight), "--kl-weight", "must be > 0")
+        need(self.state_constraint in STATE_CONSTRAINTS, "--state-constraint",
+             f"one of {', '.join(STATE_CONSTRAINTS)}")
+        need(self.l1_weight >= 0 and math.isfinite(self.l1_weight), "--l1-weight",
+             "must be >= 0")
+        need(self.state_constraint != "l1" or self.l1_weight > 0, "--l1-weight",
+             "must be > 0 with --state-constraint l1")
+        need(self.state_constraint == "l1" or self.l1_weight == 0, "--l1-weight",
+             "applies only with --state-constraint l1")
+        need(not (self.penalty == "kl" and self.method in ("admm", "alm")), "--penalty",
+             f"'kl' alone has no squared distance for the duals of --method {self.method} to "
+             "attach to; use 'l2+kl', or --method pm")
         need(self.dtype is None or self.dtype in DTYPES, "--dtype", f"one of {', '.join(DTYPES)}")
         need(self.dist_timeout > 0 and math.isfinite(self.dist_timeout), "--dist-timeout",
              "must be a positive number of seconds")

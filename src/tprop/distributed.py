@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from .btprop import BTPROPTrainer
 from .checkpoint import load_checkpoint
 from .config import BTPROP_METHODS, ConfigError, TrainConfig
-from .data import Blocks, StreamColumns
+from .constraints import StateTerms
+from .data import StreamColumns
 from .evaluate import eval_chunk_len
 from .objective import BlockProblem, forward_states
 from .optim import build_optimizer, set_lr
@@ -291,9 +292,11 @@ class ShardedBlockProblem(BlockProblem):
     def __init__(self, model: Any, inputs: torch.Tensor, targets: torch.Tensor,
                  z_fixed: torch.Tensor, z_init: torch.Tensor, lam: float,
                  dual: torch.Tensor | None = None, *, comm: Comm, total_blocks: int,
-                 nonempty: int, arctanh: bool = False, chunk_blocks: int | None = None) -> None:
+                 nonempty: int, arctanh: bool = False, chunk_blocks: int | None = None,
+                 terms: StateTerms | None = None) -> None:
+        # the extra terms (tprop.constraints) are local to each block: no extra exchange
         super().__init__(model, inputs, targets, z_fixed, z_init, lam, dual, arctanh=arctanh,
-                         chunk_blocks=chunk_blocks)
+                         chunk_blocks=chunk_blocks, terms=terms)
         self.comm = comm
         self.total_blocks = total_blocks
         r = comm.rank
@@ -469,13 +472,7 @@ class DistributedBTPROPTrainer(_DistributedTrainer, BTPROPTrainer):
 
     def setup(self) -> None:
         cfg, model, comm = self.cfg, self.model, self.comm
-        try:
-            self.blocks = Blocks(self.train_data, cfg.bptt)
-        except ValueError as e:
-            raise ConfigError(f"--block-size: {e}") from None
-        n = self.blocks.num_blocks
-        self.batch_mode = cfg.blocks_per_update == "all"
-        self.m = n if self.batch_mode else min(int(cfg.blocks_per_update), n)
+        n = self._layout()
         for p in model.parameters():  # every rank starts from rank 0's parameters
             comm.broadcast_(p.data, 0, kind="setup")
         theta_opt = build_optimizer(model.parameters(), cfg.optim, cfg.lr)
@@ -599,6 +596,10 @@ class DistributedBTPROPTrainer(_DistributedTrainer, BTPROPTrainer):
         carried = torch.zeros(1, model.state_dim, device=self.device,
                               dtype=model.decoder.weight.dtype)
         tot = {"ce": 0.0, "penalty": 0.0, "residual": 0.0, "h_steps": 0}
+        terms = StateTerms.from_config(cfg)  # None: the paper's objective
+        nx = 0 if terms is None else 2  # the extra terms' values summed over the ranks
+        if terms is not None:
+            tot.update(kl=0.0, l1=0.0)
         pos = torch.zeros(k, dtype=torch.float64) if cfg.positional_ppl else None
         lam = self.solver.lam
         bar = self.progress(len(self.plan), f"epoch {epoch}")
@@ -610,13 +611,16 @@ class DistributedBTPROPTrainer(_DistributedTrainer, BTPROPTrainer):
             dual = self.U[sp.lo:sp.hi] if self.U is not None else None
             problem = ShardedBlockProblem(
                 model, x, y, carried, z_init, lam, dual, comm=comm, total_blocks=sp.b - sp.a,
-                nonempty=sp.nonempty, arctanh=cfg.arctanh, chunk_blocks=cfg.chunk_blocks)
+                nonempty=sp.nonempty, arctanh=cfg.arctanh, chunk_blocks=cfg.chunk_blocks,
+                terms=terms)
             stats: UpdateStats = self.solver.step(problem, epoch)
             if not self.batch_mode:
                 carried = problem.carried_out()
             if self.Z is not None:
                 self.Z[sp.lo:sp.hi] = problem.z
             local = [stats.ce, stats.penalty, stats.residual]
+            if terms is not None:
+                local += [stats.kl, stats.l1]
             if pos is not None:
                 tok = stats.token_ce if stats.token_ce is not None else torch.zeros(k)
                 local += tok.double().cpu().tolist()
@@ -625,8 +629,11 @@ class DistributedBTPROPTrainer(_DistributedTrainer, BTPROPTrainer):
             tot["penalty"] += float(summed[1])
             tot["residual"] += float(summed[2])
             tot["h_steps"] += stats.h_steps
+            if terms is not None:
+                tot["kl"] += float(summed[3])
+                tot["l1"] += float(summed[4])
             if pos is not None:
-                pos += summed[3:]
+                pos += summed[3 + nx:]
             b = sp.b
             if (i + 1) % 20 == 0 or i + 1 == len(self.plan):
                 mean = tot["ce"] / b
@@ -649,6 +656,8 @@ class DistributedBTPROPTrainer(_DistributedTrainer, BTPROPTrainer):
             "lambda": lam,
             "updates": updates,
         }
+        if terms is not None:  # the extra terms, per block
+            out.update(kl=tot["kl"] / n, l1=tot["l1"] / n)
         if pos is not None:
             out["positional_ppl"] = [math.exp(min(v / n, 700.0)) for v in pos.tolist()]
         out.update(self._comm_row(updates))

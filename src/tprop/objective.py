@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .constraints import StateTerms, extra_terms, make_state_param
 from .models import RNNLM
 
 
@@ -32,10 +33,16 @@ class BlockTerms:
     penalty: torch.Tensor  # (λ/2) Σ_j ‖F_j − z_{j+1} + u_j‖²
     final: torch.Tensor  # F_j, (M, D)
     token_ce: torch.Tensor | None = None  # (K, M') per-token cross entropy, detached
+    kl: torch.Tensor | None = None  # kl_weight · Σ_j KL (tprop.constraints), when on
+    l1: torch.Tensor | None = None  # l1_weight · Σ_j ‖z_{j+1}‖₁, when on
 
     @property
     def total(self) -> torch.Tensor:
-        return self.ce + self.penalty
+        out = self.ce + self.penalty
+        for extra in (self.kl, self.l1):
+            if extra is not None:
+                out = out + extra
+        return out
 
 
 def block_terms(
@@ -49,12 +56,15 @@ def block_terms(
     *,
     skip_loss: int = 0,
     keep_token_ce: bool = False,
+    terms: StateTerms | None = None,
 ) -> BlockTerms:
     """J's terms for blocks given time-major ``(K, M)`` inputs/targets, entering states
     ``(M, D)``, the free states they should reach ``(M, D)`` and duals.
 
     ``skip_loss`` leaves the first blocks' cross entropy out (their decoder is not run): an
     h-step does this for a block whose entering state is fixed, its loss being constant.
+    ``terms`` (``tprop.constraints``) adds the KL and l1 terms and may drop the squared
+    distance (``penalty="kl"``: then ``penalty`` is 0 and the duals are not read).
     """
     k = inputs.shape[0]
     out, state = model.recur(inputs, model.unflatten_state(entering))
@@ -63,12 +73,18 @@ def block_terms(
     logits = model.decode(hidden)
     tok = F.cross_entropy(logits, targets[:, skip_loss:].reshape(-1), reduction="none")
     ce = tok.sum() / k
-    r = final - next_states
-    if dual is not None:
-        r = r + dual
-    penalty = 0.5 * lam * r.pow(2).sum()
     token = tok.detach().view(k, -1) if keep_token_ce else None
-    return BlockTerms(ce, penalty, final, token)
+    if terms is not None and not terms.l2:
+        penalty = final.new_zeros(())
+    else:
+        r = final - next_states
+        if dual is not None:
+            r = r + dual
+        penalty = 0.5 * lam * r.pow(2).sum()
+    if terms is None:
+        return BlockTerms(ce, penalty, final, token)
+    kl, l1 = extra_terms(model, final, next_states, terms)
+    return BlockTerms(ce, penalty, final, token, kl, l1)
 
 
 def objective(
@@ -79,11 +95,12 @@ def objective(
     z: torch.Tensor,
     lam: float,
     dual: torch.Tensor | None = None,
+    terms: StateTerms | None = None,
 ) -> torch.Tensor:
     """J(θ, Z, U) for one update in one call: ``z_fixed`` (1, D) enters block 0, ``z`` (M, D)
     holds z_1 … z_M."""
     entering = torch.cat([z_fixed, z[:-1]], 0)
-    return block_terms(model, inputs, targets, entering, z, lam, dual).total
+    return block_terms(model, inputs, targets, entering, z, lam, dual, terms=terms).total
 
 
 # --------------------------------------------------------------------------- reparametrisation
@@ -134,6 +151,8 @@ class PassResult:
     penalty: float
     residual: float  # Σ_j ‖F_j − z_{j+1}‖ (without the duals)
     token_ce: torch.Tensor | None = None  # (K,) cross entropy summed over blocks, per position
+    kl: float = 0.0  # the weighted KL term (tprop.constraints), 0 when off
+    l1: float = 0.0  # the weighted l1 term, 0 when off
 
 
 class BlockProblem:
@@ -155,12 +174,15 @@ class BlockProblem:
         *,
         arctanh: bool = False,
         chunk_blocks: int | None = None,
+        terms: StateTerms | None = None,
     ) -> None:
         self.model = model
         self.inputs, self.targets = inputs, targets
         self.block_size, self.num_blocks = inputs.shape
         self.z_fixed = z_fixed.detach()
-        self.param = StateParam(model, arctanh)
+        self.terms = terms  # extra terms and state constraints (tprop.constraints), or None
+        self.param = (StateParam(model, arctanh) if terms is None
+                      else make_state_param(model, arctanh, terms))
         self.w = self.param.to_w(z_init.detach()).requires_grad_(True)
         self.dual = dual
         self.lam = lam
@@ -193,7 +215,7 @@ class BlockProblem:
         of ``w`` (``states``); nothing is normalised here. Without ``theta`` the first block's
         cross entropy (constant in Z) is not computed and not included in ``ce``."""
         w = self.w if states else self.w.detach()
-        ce = pen = res = 0.0
+        ce = pen = res = kl = l1 = 0.0
         tok = torch.zeros(self.block_size, device=w.device) if token_ce else None
         grad_ctx = torch.enable_grad() if (theta or states) else torch.no_grad()
         freeze = frozen(self.model) if not theta else nullcontext()
@@ -204,7 +226,7 @@ class BlockProblem:
                 skip = 1 if (c0 == 0 and not theta and self.entering_fixed) else 0
                 t = block_terms(self.model, self.inputs[:, c0:c1], self.targets[:, c0:c1],
                                 entering, nxt, self.lam, dual, skip_loss=skip,
-                                keep_token_ce=token_ce)
+                                keep_token_ce=token_ce, terms=self.terms)
                 if theta or states:
                     t.total.backward()
                 with torch.no_grad():
@@ -213,9 +235,11 @@ class BlockProblem:
                     res += float((t.final - nxt).norm(dim=1).sum())
                     if tok is not None:
                         tok += t.token_ce.sum(1)
+                    kl += float(t.kl) if t.kl is not None else 0.0
+                    l1 += float(t.l1) if t.l1 is not None else 0.0
                 if c1 == self.num_blocks:
                     self.last_final = t.final[-1:].detach()
-        return PassResult(ce, pen, res, tok)
+        return PassResult(ce, pen, res, tok, kl, l1)
 
     @torch.no_grad()
     def final_states(self) -> torch.Tensor:

@@ -59,6 +59,8 @@ class UpdateStats:
     h_steps: int = 0
     theta_steps: int = 0
     token_ce: torch.Tensor | None = None
+    kl: float = 0.0  # the extra terms of tprop.constraints (0 when off)
+    l1: float = 0.0
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
@@ -145,6 +147,10 @@ class PenaltyMethod:
         s = self.settings
         if problem.dual is None:
             raise ValueError("this problem has no duals")
+        terms = getattr(problem, "terms", None)
+        if terms is not None and not terms.l2:
+            raise ValueError("penalty 'kl' has no squared distance for the duals to attach to "
+                             "(use 'l2+kl', or the penalty method)")
         r = problem.final_states() - problem.z
         if s.u_clip > 0:
             n = self._state_norm(r)
@@ -177,6 +183,7 @@ class PenaltyMethod:
     def _record(stats: UpdateStats, res: PassResult) -> None:
         stats.ce, stats.penalty, stats.residual = res.ce, res.penalty, res.residual
         stats.token_ce = res.token_ce
+        stats.kl, stats.l1 = res.kl, res.l1
 
 
 class ADMM(PenaltyMethod):
