@@ -257,8 +257,53 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--format", choices=FORMATS)
         if name == "stats":
             q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_synth_args(dsub)
     add_sweep_args(sub)
     return p
+
+
+def add_synth_args(dsub: Any) -> None:
+    """``tprop data synth NAME --out DIR``: a synthetic long-range corpus (tprop.data.synth)."""
+    from .data.synth import TASKS, SynthParams
+
+    d = SynthParams("copy")
+    q = dsub.add_parser("synth", help="write a synthetic corpus with a known dependency length",
+                        description="Write DIR/train.txt, valid.txt, test.txt (word format) and "
+                        "DIR/synth.json for a task whose dependency length is known, and print "
+                        "its entropy floors with and without long-range memory (docs/beyond.md"
+                        "). Tasks: " + "; ".join(f"{t.name}: {t.summary}"
+                                                  for t in TASKS.values()) + ".")
+    q.add_argument("task", metavar="NAME", choices=list(TASKS), help=", ".join(TASKS))
+    q.add_argument("--out", metavar="DIR", required=True, help="directory to write")
+    q.add_argument("--length", type=_positive_int, default=d.length, metavar="L",
+                   help=f"dependency length in tokens (default {d.length})")
+    q.add_argument("--span", type=_positive_int, default=None, metavar="M",
+                   help="long-range items per line (default min(4, the most the task allows))")
+    q.add_argument("--symbols", type=_positive_int, default=d.symbols, metavar="N",
+                   help=f"alphabet of the keys / brackets / digits (default {d.symbols})")
+    q.add_argument("--fillers", type=_positive_int, default=d.fillers, metavar="F",
+                   help="filler alphabet; 1 (default): one blank token")
+    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--train-tokens", type=_positive_int, default=d.train_tokens, metavar="N",
+                   help=f"training tokens, <eos> included (default {d.train_tokens:,})")
+    q.add_argument("--eval-tokens", type=_positive_int, default=None, metavar="N",
+                   help="tokens of valid and of test (default train / 5)")
+    q.add_argument("--json", action="store_true", help="print synth.json's content")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import SynthParams, describe, write_corpus
+
+    p = SynthParams(args.task, args.length, args.span, args.symbols, args.fillers, args.seed,
+                    args.train_tokens, args.eval_tokens)
+    meta = write_corpus(p, args.out)
+    if args.json:
+        print(json.dumps(meta))
+    else:
+        print(describe(meta))
+        counts = ", ".join(f"{k} {v:,}" for k, v in meta["split_tokens"].items())
+        print(f"  wrote {args.out}/{{train,valid,test}}.txt ({counts} tokens) and synth.json")
+    return 0
 
 
 def add_sweep_args(sub: Any) -> None:
@@ -382,6 +427,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .data import find_corpus, load_corpus
 
+    if args.data_command == "synth":
+        return cmd_synth(args)
     if args.data_command == "list":
         for name, info in CORPORA.items():
             where = find_corpus(name)

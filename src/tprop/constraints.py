@@ -135,8 +135,7 @@ class BoxStateParam:
     def __init__(self, model: RNNLM) -> None:
         self.lstm = model.cell == "lstm"
         self.half = model.nlayers * model.nhid  # h coordinates (the c ones follow, for an LSTM)
-        self.arctanh = True  # z = tanh(w) on the h coordinates of an RNN / GRU
-        self.bounded = self.half
+        self.bounded = self.half  # coordinates kept inside (-1, 1): every h
 
     def to_z(self, w: torch.Tensor) -> torch.Tensor:
         b = self.half
@@ -185,19 +184,6 @@ def producible(model: RNNLM, z: torch.Tensor, tol: float = 0.0) -> bool:
     return bool((h * t >= -tol).all() and (h.abs() <= t.abs() + tol).all())
 
 
-def describe(terms: StateTerms | None) -> str:
-    """One line for logs: which terms are on."""
-    if terms is None:
-        return "penalty l2"
-    parts = [f"penalty {terms.penalty}"]
-    if terms.kl:
-        parts.append(f"KL {terms.kl_direction} x{terms.kl_weight:g}")
-    if terms.state_constraint != "none":
-        parts.append(f"states {terms.state_constraint}"
-                     + (f" x{terms.l1_weight:g}" if terms.state_constraint == "l1" else ""))
-    return ", ".join(parts)
-
-
 __all__ = ["KL_DIRECTIONS", "PENALTIES", "STATE_CONSTRAINTS", "BoxStateParam", "StateTerms",
-           "describe", "extra_terms", "kl_divergence", "l1_norm", "make_state_param",
-           "output_log_probs", "producible"]
+           "extra_terms", "kl_divergence", "l1_norm", "make_state_param", "output_log_probs",
+           "producible"]

@@ -9,7 +9,9 @@ free states ``z_1 … z_M`` (``z_M``, after the last block, is read by no loss) 
 ``L_j`` is the summed token cross entropy of block j run from ``e_j`` and ``F_j`` its final
 state. All blocks are run by one call of the recurrent layer (the block index is the batch
 dimension), in chunks of blocks only to bound memory; the terms are sums over blocks, so
-chunking changes nothing but memory.
+chunking changes nothing but memory. ``tprop.constraints`` (``terms=``) adds a KL penalty
+between output distributions and state constraints (docs/beyond.md); without it J is the
+paper's.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ Writes ``DIR/report.md`` and ``DIR/plots/*.png`` (matplotlib, Agg, no display ne
   field); log scale when the range is wide;
 * training and test perplexity against the hidden size when ``nhid`` varies, against the
   minibatch size (BPTT: columns x ``update_freq``, or "all" for ``full_batch``; BTPROP:
-  ``blocks_per_update``) when that varies, and against any field named in ``x``.
+  ``blocks_per_update``) when that varies, and against any field named in ``x``;
+* for runs on synthetic corpora (``tprop data synth``: a ``synth.json`` beside the corpus),
+  the share of the memory gap each run closes against the dependency length over K (a
+  table per task and ``plots/memory_gap.png``; ``kind = "long_range"`` names this section).
 
 The ``[report]`` table of a sweep spec (kept in the sweep's ``sweep.json``) steers it:
 
@@ -47,7 +50,8 @@ from .config import BTPROP_METHODS, METHODS, TrainConfig
 IGNORE = {"out", "data_dir", "threads", "quiet", "device", "preset", "dist_timeout"}
 BTPROP_ONLY = {"blocks_per_update", "h_steps", "h_lr", "h_tol", "h_clip", "h_optim", "h_init",
                "theta_steps", "lam", "lambda_mult", "u_lr", "u_clip", "u_start",
-               "alm_max_steps", "alm_grad_tol", "arctanh", "positional_ppl", "chunk_blocks"}
+               "alm_max_steps", "alm_grad_tol", "arctanh", "positional_ppl", "chunk_blocks",
+               "penalty", "kl_direction", "kl_weight", "state_constraint", "l1_weight"}
 BPTT_ONLY = {"batch_size", "update_freq", "full_batch"}
 MINIBATCH_KEYS = {"batch_size", "update_freq", "full_batch", "blocks_per_update"}
 NOT_FOR = {  # method -> fields that do not apply to it
@@ -61,6 +65,8 @@ HEADERS = {
     "lam": "λ", "nhid": "hidden", "emsize": "emb", "batch_size": "B",
     "blocks_per_update": "M", "minibatch": "minibatch", "full_batch": "full batch",
     "update_freq": "update freq", "h_init": "h-init", "h_lr": "h-lr", "lr": "lr",
+    "penalty": "penalty", "kl_direction": "KL direction", "kl_weight": "KL weight",
+    "state_constraint": "states", "l1_weight": "l1 weight", "corpus": "corpus",
 }
 AXIS = {"nhid": "hidden size (units)", "minibatch": "minibatch size (sequences of K tokens "
         "per update)", "lam": "penalty weight λ", "bptt": "block size / window K",
@@ -100,6 +106,9 @@ class Run:
         """The effective value of ``key``: None where it does not apply to the method."""
         if key == "minibatch":
             return minibatch_size(self.config)
+        if key == "corpus":  # the corpus folder's name (e.g. a sweep's synthetic corpus)
+            d = self.config.get("data_dir")
+            return Path(d).name if d else self.config.get("dataset")
         if key in NOT_FOR.get(self.method, set()):
             return None
         return self.config.get(key)
@@ -245,6 +254,9 @@ def varying_keys(runs: list[Run], preferred: list[str] = ()) -> list[str]:
         first = next((i for i, k in enumerate(preferred) if k in MINIBATCH_KEYS), None)
         if first is not None and "minibatch" not in preferred:
             preferred.insert(first, "minibatch")
+    if len(_distinct([r.param("corpus") for r in runs])) > 1:  # runs on several corpora
+        vary = ["corpus"] + vary
+        preferred = ["corpus" if k == "data_dir" else k for k in preferred]
     order = [k for k in preferred if k in vary or k == "method"]
     order = list(dict.fromkeys(order))
     return order + [k for k in vary if k not in order]
@@ -485,6 +497,115 @@ def plot_against(runs: list[Run], x: str, series: list[str], path: Path, title: 
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- long range
+def synth_info(run: Run, root: Path) -> dict[str, Any] | None:
+    """The ``synth.json`` of the run's corpus (tprop.data.synth), looked up where the run read
+    it, then in ``root/data/<name>`` (a sweep folder moved elsewhere); None for other corpora."""
+    from .data.synth import read_info
+
+    d = run.config.get("data_dir")
+    if not d:
+        return None
+    for place in (Path(d), root / "data" / Path(d).name):
+        meta = read_info(place)
+        if meta is not None:
+            return meta
+    return None
+
+
+def long_range_section(runs: list[Run], keys: list[str], root: Path,
+                       plots_dir: Path) -> list[str]:
+    """Runs on synthetic long-range corpora: the share of the memory gap each closes, against
+    the dependency length over K (a table per task, and a plot). [] when there are none."""
+    from .data.synth import memory_gap_share
+
+    rows = []
+    for r in runs:
+        meta = synth_info(r, root)
+        test = r.value("test_ppl")
+        if meta is None or not _finite(test):
+            continue
+        dep = int(meta["dependency_min"])
+        k = int(r.config.get("bptt", 1))
+        rows.append({"run": r, "task": meta["task"], "L": dep, "K": k, "ratio": dep / k,
+                     "mem": meta["ppl_mem"], "nomem": meta["ppl_nomem"], "test": test,
+                     "share": memory_gap_share(test, meta["ppl_mem"], meta["ppl_nomem"]),
+                     "meta": meta})
+    if not rows:
+        return []
+    series = [k for k in keys if k != "corpus"]
+    for row in rows:
+        row["label"] = _label(row["run"], series) if series else row["run"].method
+    md = ["## Long-range dependencies", "",
+          "Each synthetic corpus (`tprop data synth`, docs/beyond.md) has a dependency length L "
+          "and two entropy floors: the perplexity of the optimal predictor with the whole past "
+          "(**with memory**) and with only the last L − 1 tokens (**without memory**). The "
+          "**share of the memory gap closed** is (log ppl_nomem − log ppl) / (log ppl_nomem − "
+          "log ppl_mem) at the test perplexity: 0 = nothing of the long-range dependency "
+          "captured, 1 = all of it (negative: worse than a model without long-range memory). "
+          "L/K is the dependency length over the BPTT window / block size K.", ""]
+    md += ["| corpus | task | L | K | L/K | run | test ppl | floor (memory) | "
+           "floor (no memory) | share closed |",
+           "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    order = sorted(rows, key=lambda d: (d["task"], d["L"], d["label"]))
+    for d in order:
+        md.append(f"| {d['run'].param('corpus')} | {d['task']} | {d['L']} | {d['K']} | "
+                  f"{d['ratio']:g} | {d['label']} | {fmt_ppl(d['test'])} | {d['mem']:.3f} | "
+                  f"{d['nomem']:.3f} | {d['share']:.3f} |")
+    tasks = sorted({d["task"] for d in rows})
+    labels = list(dict.fromkeys(d["label"] for d in sorted(rows, key=lambda d: (
+        tuple(_sort_key(d["run"].param(k)) for k in series), d["label"]))))
+    for task in tasks:
+        ratios = sorted({d["ratio"] for d in rows if d["task"] == task})
+        md += ["", f"**Share of the memory gap closed**, {task} (rows: run; columns: L/K):", "",
+               "| run | " + " | ".join(f"L/K={x:g}" for x in ratios) + " |",
+               "|---|" + "---:|" * len(ratios)]
+        for lab in labels:
+            cells = []
+            for x in ratios:
+                m = [d["share"] for d in rows if d["task"] == task and d["label"] == lab
+                     and d["ratio"] == x]
+                cells.append(f"{sum(m) / len(m):.3f}" if m else " ")
+            if any(c != " " for c in cells):
+                md.append(f"| {lab} | " + " | ".join(cells) + " |")
+    path = plot_memory_gap(rows, tasks, labels, plots_dir / "memory_gap.png")
+    if path is not None:
+        rel = path.relative_to(root).as_posix()
+        t = "Share of the memory gap closed against dependency length / K"
+        md += ["", f"### {t}", "", f"![{t}]({rel})"]
+    return md + [""]
+
+
+def plot_memory_gap(rows: list[dict[str, Any]], tasks: list[str], labels: list[str],
+                    path: Path) -> Path | None:
+    fig, axes = _figure(len(tasks), width=5.5)
+    colors = dict(zip(labels, _colors(len(labels))))
+    for ax, task in zip(axes, tasks):
+        xs_all: set[float] = set()
+        for lab in labels:
+            pts = sorted((d["ratio"], d["share"]) for d in rows
+                         if d["task"] == task and d["label"] == lab)
+            if pts:
+                ax.plot(*zip(*pts), "-o", color=colors[lab], label=lab, markersize=4)
+                xs_all.update(x for x, _ in pts)
+        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        xs = sorted(xs_all)
+        if xs and min(xs) > 0 and max(xs) / min(xs) >= 4:
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        if xs and len(xs) <= 12:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([fmt_value(x) for x in xs])
+        ax.set_xlabel("dependency length / K")
+        ax.set_ylabel("share of the memory gap closed (test)")
+        ax.set_title(task)
+        ax.grid(True, which="both", alpha=0.3)
+        _legend(ax, len(ax.get_lines()) - 2)
+    fig.suptitle("Long-range credit assignment: 0 = no long-range memory, 1 = the floor")
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- report
 def write_report(root: str | os.PathLike, title: str | None = None) -> Path:
     """Write ``root/report.md`` and ``root/plots/``; return the report's path."""
@@ -569,7 +690,7 @@ def write_report(root: str | os.PathLike, title: str | None = None) -> Path:
         xs.append(("minibatch", "Perplexity against minibatch size"))
     extra = settings.get("x", [])
     extra = [extra] if isinstance(extra, str) else list(extra)
-    if settings.get("kind"):  # the plot a finding is about, first
+    if settings.get("kind") and settings["kind"] != "long_range":  # the finding's plot, first
         extra.insert(0, KINDS.get(settings["kind"], settings["kind"]))
     for x in extra:
         x = _canon(x)
@@ -581,6 +702,7 @@ def write_report(root: str | os.PathLike, title: str | None = None) -> Path:
         p = plot_against(runs, x, series, plots_dir / f"ppl_vs_{_slug(x)}.png", t, log_y=log_y)
         if p:
             images.append((t, p))
+    md += long_range_section(runs, keys, root, plots_dir)  # runs on synthetic corpora
     if images:
         md += ["## Plots", ""]
         for t, p in images:

@@ -66,6 +66,12 @@ is continued from ``last.pt`` (restarted in place when there is none). A run tha
 recorded as failed (its traceback in ``error.txt``, its status in ``sweep.json``) and the
 sweep goes on; the next sweep tries it again.
 
+Synthetic corpora: a ``[data]`` table names corpora of ``tprop.data.synth``
+(``copy-2K = { task = "copy", length = 20 }``; a preset's ``[presets.NAME.data]`` entry
+updates the one of the same name). Before the runs, the sweep writes each corpus a run reads
+into ``<sweep folder>/data/NAME`` (kept when already there with the same parameters), and a
+run whose ``data_dir`` is NAME trains on it.
+
 Workers: with ``workers > 1`` the runs go to that many processes (multiprocessing, 'spawn'),
 each with ``threads = max(1, cpus // workers)`` torch threads unless the spec or an override
 sets ``threads``. With one worker the runs happen in this process.
@@ -112,7 +118,7 @@ NOT_IDENTITY = ("out", "data_dir", "threads", "quiet", "device", "epochs", "pati
 RESERVED = ("out",)
 ALIASES = {"lambda": "lam", "block_size": "bptt"}
 DISPLAY = {"lam": "lambda"}
-TOP_KEYS = ("title", "description", "base", "grid", "zip", "presets", "report")
+TOP_KEYS = ("title", "description", "base", "grid", "zip", "presets", "report", "data")
 REPORT_KEYS = ("title", "kind", "rows", "curves_by", "train_curves", "x", "series", "pivot",
                "plots", "log_y")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -131,6 +137,8 @@ class Spec:
     zip: dict[str, list[Any]] = field(default_factory=dict)
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    # synthetic corpora written into <sweep folder>/data/NAME before the runs (tprop.data.synth)
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
     title: str | None = None
     description: str | None = None
     text: str | None = None  # the TOML source, when read from a file
@@ -281,7 +289,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", name: str | None = 
         where = f"presets.{pname}"
         if not isinstance(ptable, dict):
             raise SpecError(f"{source}: [{where}] must be a table")
-        scal = _scalars(ptable, where, source, skip=("grid", "zip", "report"))
+        scal = _scalars(ptable, where, source, skip=("grid", "zip", "report", "data"))
         for k in scal:
             if k in varying:
                 raise SpecError(f"{source}: [{where}] {DISPLAY.get(k, k)} is set by [grid] or "
@@ -309,12 +317,23 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", name: str | None = 
                                 "[zip]")
         _check_zip({**zipt, **pzip}, f"{where}.zip", source)
         prep = _report_table(ptable.get("report", {}), f"{where}.report", source)
-        presets[str(pname)] = {"base": scal, "grid": pgrid, "zip": pzip, "report": prep}
+        presets[str(pname)] = {"base": scal, "grid": pgrid, "zip": pzip, "report": prep,
+                               "data": _data_table(ptable.get("data", {}), f"{where}.data",
+                                                   source, partial=True)}
     report = _report_table(data.get("report", {}), "report", source)
     for key in ("title", "description"):
         if key in data and not isinstance(data[key], str):
             raise SpecError(f"{source}: {key} must be a string")
-    return Spec(name=name or "sweep", source=source, base=base, grid=grid, zip=zipt,
+    sdata = _data_table(data.get("data", {}), "data", source)
+    for pname, p in presets.items():
+        for dname in p["data"]:
+            if dname not in sdata and "task" not in p["data"][dname]:
+                raise SpecError(f"{source}: [presets.{pname}.data] {dname} is not in [data]; "
+                                "a new entry needs its task")
+        _check_data({**sdata, **{k: {**sdata.get(k, {}), **v} for k, v in p["data"].items()}},
+                    f"presets.{pname}.data", source)
+    _check_data(sdata, "data", source)
+    return Spec(name=name or "sweep", source=source, base=base, grid=grid, zip=zipt, data=sdata,
                 presets=presets, report=report, title=data.get("title"),
                 description=data.get("description"), text=text)
 
@@ -327,6 +346,70 @@ def _report_table(table: Any, where: str, source: str) -> dict[str, Any]:
             raise SpecError(f"{source}: [{where}] unknown key {k!r} (known: "
                             f"{', '.join(REPORT_KEYS)})")
     return dict(table)
+
+
+def _data_table(table: Any, where: str, source: str,
+                partial: bool = False) -> dict[str, dict[str, Any]]:
+    """``[data]``: NAME = { task = "copy", length = 20, ... } (tprop.data.synth parameters);
+    a run whose ``data_dir`` is NAME trains on ``<sweep folder>/data/NAME``."""
+    if not isinstance(table, dict):
+        raise SpecError(f"{source}: [{where}] must be a table of corpora")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or (not partial and "task" not in entry):
+            raise SpecError(f"{source}: [{where}] {name} must be a table such as "
+                            "{ task = \"copy\", length = 20 }")
+        if _SAFE.search(name):
+            raise SpecError(f"{source}: [{where}] {name!r}: a corpus name uses letters, digits "
+                            "and ._+- only")
+        out[str(name)] = dict(entry)
+    return out
+
+
+def _check_data(table: dict[str, dict[str, Any]], where: str, source: str) -> None:
+    from .data.synth import SynthError, params_from
+
+    for name, entry in table.items():
+        values = dict(entry)
+        task = values.pop("task", None)
+        try:
+            params_from(str(task), values, f"{source}: [{where}] {name}")
+        except SynthError as e:
+            raise SpecError(str(e) if str(e).startswith(source) else
+                            f"{source}: [{where}] {name}: {e}") from None
+
+
+def resolve_data(spec: Spec, preset: str | None = None) -> dict[str, dict[str, Any]]:
+    """The spec's synthetic corpora under ``preset`` (a preset's entry updates the one of the
+    same name, or adds one)."""
+    out = {k: dict(v) for k, v in spec.data.items()}
+    if preset is not None and preset in spec.presets:
+        for k, v in spec.presets[preset].get("data", {}).items():
+            out[k] = {**out.get(k, {}), **v}
+    return out
+
+
+def prepare_data(spec: Spec, out: Path, preset: str | None = None,
+                 echo: Callable[[str], None] | None = None,
+                 names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Write the spec's synthetic corpora (those of ``names``, default all) into
+    ``out/data/NAME``, keeping one already there with the same parameters; returns each
+    corpus's synth.json."""
+    from .data.synth import ensure_corpus, params_from
+
+    metas = {}
+    for name, entry in resolve_data(spec, preset).items():
+        if names is not None and name not in names:
+            continue
+        values = dict(entry)
+        params = params_from(values.pop("task"), values, name)
+        meta, wrote = ensure_corpus(params, out / "data" / name)
+        if wrote and echo is not None:
+            echo(f"data {name}: wrote {params.task} (dependency {meta['dependency_min']} "
+                 f"tokens; floors: ppl {meta['ppl_mem']:.3f} with memory, "
+                 f"{meta['ppl_nomem']:.3f} without) in {out / 'data' / name}")
+        metas[name] = meta
+    return metas
 
 
 def load_spec(path: str | os.PathLike) -> Spec:
@@ -408,9 +491,11 @@ def expand(spec: Spec, preset: str | None = None, overrides: dict[str, Any] | No
     """The runs of ``spec`` under ``preset``, in spec order, each config validated.
 
     ``overrides`` (config fields) apply to every run last; ``out`` is the sweep folder (each
-    run's ``out`` is ``out/NAME``); ``threads`` defaults to ``max(1, cpus // workers)``.
+    run's ``out`` is ``out/NAME``); ``threads`` defaults to ``max(1, cpus // workers)``. With
+    ``out``, a ``data_dir`` naming a corpus of the spec's ``[data]`` becomes ``out/data/NAME``.
     """
     base, grid, zipt, _ = resolve(spec, preset)
+    synth = resolve_data(spec, preset)
     order = varying_keys(grid, zipt)
     over = {}
     for key, value in (overrides or {}).items():
@@ -452,6 +537,8 @@ def expand(spec: Spec, preset: str | None = None, overrides: dict[str, Any] | No
             cfg.setdefault("threads", threads)
             if out is not None:
                 cfg["out"] = str(Path(out) / name)
+                if cfg.get("data_dir") in synth:  # a corpus of the spec's [data] table
+                    cfg["data_dir"] = str(Path(out) / "data" / cfg["data_dir"])
             if validate:
                 try:
                     make_config(**cfg)
@@ -680,6 +767,10 @@ def run_sweep(spec: Spec | str | os.PathLike, out: str | os.PathLike,
         return SweepResult(out, runs)
 
     out.mkdir(parents=True, exist_ok=True)
+    if spec.data:  # the spec's synthetic corpora the runs read, before any run needs them
+        used = {Path(p.config["data_dir"]).name for p in points if p.config.get("data_dir")
+                and Path(p.config["data_dir"]).parent == out / "data"}
+        prepare_data(spec, out, preset, echo, names=sorted(used))
     if spec.text is not None:
         (out / "spec.toml").write_text(spec.text, encoding="utf-8")
     _write_index(out, spec, preset, report, runs)
