@@ -303,7 +303,7 @@ class BPTTTrainer(Trainer):
             state = model.detach_state(state)
             logits, state = model(x, state)
             loss = F.cross_entropy(logits.view(-1, self.ntoken), y.reshape(-1))
-            (loss / group).backward()
+            (loss / group if group > 1 else loss).backward()
             loss_sum += loss.detach()
             if (w + 1) % accum == 0 or w + 1 == nwin:
                 if cfg.clip > 0:
