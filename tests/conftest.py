@@ -67,7 +67,7 @@ def tiny_corpus_dir(tmp_path: Path) -> Path:
 def shared_data() -> Path:
     """The real corpora in ../shared/data: required under CI, skipped locally if absent."""
     env = os.environ.get("TPROP_DATA")
-    path = Path(env) if env else SHARED_DATA
+    path = Path(env).resolve() if env else SHARED_DATA  # absolute: subprocesses run elsewhere
     if not (path / "ptb" / "train.txt").is_file():
         msg = f"the real corpora are not at {path} (set TPROP_DATA to ../shared/data)"
         if os.environ.get("CI"):
