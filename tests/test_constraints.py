@@ -37,13 +37,8 @@ CASES = [(cell, L) for cell in ("rnn", "gru", "lstm") for L in (1, 2)]
 
 
 @pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+def _f64(float64):
+    """Every test of this module runs in float64."""
 
 
 # --------------------------------------------------------------------------- references

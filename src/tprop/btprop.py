@@ -133,12 +133,7 @@ class BTPROPTrainer(Trainer):
                 tot[key] += getattr(stats, key)
             if pos is not None and stats.token_ce is not None:
                 pos += stats.token_ce
-            if (i + 1) % 20 == 0 or i + 1 == len(spans):
-                mean = tot["ce"] / b  # Σ_j L_j / K over the first b blocks -> per token
-                self.check_finite(mean, f"epoch {epoch}, update {i + 1}")
-                bar.update((i + 1) - bar.n)
-                bar.set_postfix(ce=f"{mean:.3f}", pen=f"{tot['penalty'] / b:.3g}",
-                                tok_s=f"{b * k / (time.perf_counter() - t0):,.0f}")
+            self._progress(bar, epoch, i + 1, len(spans), tot, b, t0)
         bar.close()
         self.solver.end_epoch()
         out: dict[str, Any] = {
@@ -157,6 +152,17 @@ class BTPROPTrainer(Trainer):
         if pos is not None:
             out["positional_ppl"] = [math.exp(min(v / n, 700.0)) for v in pos.tolist()]
         return out
+
+    def _progress(self, bar: Any, epoch: int, done: int, total: int, tot: dict[str, float],
+                  blocks: int, t0: float) -> None:
+        """Every 20 updates: stop on divergence, refresh the progress bar."""
+        if done % 20 and done != total:
+            return
+        mean = tot["ce"] / blocks  # Σ_j L_j / K over the first `blocks` blocks -> per token
+        self.check_finite(mean, f"epoch {epoch}, update {done}")
+        bar.update(done - bar.n)
+        bar.set_postfix(ce=f"{mean:.3f}", pen=f"{tot['penalty'] / blocks:.3g}",
+                        tok_s=f"{blocks * self.cfg.bptt / (time.perf_counter() - t0):,.0f}")
 
     def epoch_line_extra(self, row: dict[str, Any]) -> str:
         return (f" | pen {row['penalty']:.3g} res {row['residual']:.3g}"

@@ -634,13 +634,7 @@ class DistributedBTPROPTrainer(_DistributedTrainer, BTPROPTrainer):
                 tot["l1"] += float(summed[4])
             if pos is not None:
                 pos += summed[3 + nx:]
-            b = sp.b
-            if (i + 1) % 20 == 0 or i + 1 == len(self.plan):
-                mean = tot["ce"] / b
-                self.check_finite(mean, f"epoch {epoch}, update {i + 1}")
-                bar.update((i + 1) - bar.n)
-                bar.set_postfix(ce=f"{mean:.3f}", pen=f"{tot['penalty'] / b:.3g}",
-                                tok_s=f"{b * k / (time.perf_counter() - t0):,.0f}")
+            self._progress(bar, epoch, i + 1, len(self.plan), tot, sp.b, t0)
         bar.close()
         self.solver.end_epoch()
         updates = len(self.plan)
