@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import write_corpus
-from test_objective import make_data, make_model, params_of, ref_J
+from test_objective import _fd, make_data, make_model, params_of, ref_J
 from test_solvers import flat, forward_problem, record_theta_grads, ref_tbptt_grad, rel
 
 from tprop.cli import build_parser, main
@@ -66,17 +66,6 @@ def ref_J_terms(P, model, x, y, z0, Z, lam, U, terms: StateTerms) -> torch.Tenso
     if terms.l1:
         J = J + terms.l1_weight * Z.abs().sum()
     return J
-
-
-def _fd(f, t: torch.Tensor, idx: tuple[int, ...], eps: float = 1e-6) -> float:
-    with torch.no_grad():
-        old = t[idx].item()
-        t[idx] = old + eps
-        fp = float(f())
-        t[idx] = old - eps
-        fm = float(f())
-        t[idx] = old
-    return (fp - fm) / (2 * eps)
 
 
 TERMS = {

@@ -170,35 +170,34 @@ def tokenize(text: str, fmt: str) -> list[str]:
     return out
 
 
+def _located_tokens(text: str, fmt: str) -> Iterator[tuple[int, str]]:
+    """(line number, token) for every token of ``text`` under format ``fmt``."""
+    if fmt == "char":
+        line = 1
+        for ch in text:
+            yield line, ch
+            line += ch == "\n"
+        return
+    for lineno, toks in iter_lines(text):
+        for tok in toks:
+            yield lineno, tok
+
+
 def _encode_split(text: str, fmt: str, vocab: Vocab, split: str, path: Path) -> torch.Tensor:
     stoi = vocab.stoi
     unk = stoi.get(UNK)
-    if fmt == "char":
-        ids = []
-        for pos, ch in enumerate(text):
-            i = stoi.get(ch)
-            if i is None:
-                if unk is None:
-                    line = text.count("\n", 0, pos) + 1
-                    raise CorpusError(
-                        f"{path}: character {ch!r} on line {line} of the {split} split does not "
-                        "occur in train and the vocabulary has no <unk> to map it to."
-                    )
-                i = unk
-            ids.append(i)
-        return torch.tensor(ids, dtype=torch.long)
+    kind = "character" if fmt == "char" else "token"
     ids = []
-    for lineno, toks in iter_lines(text):
-        for tok in toks:
-            i = stoi.get(tok)
-            if i is None:
-                if unk is None:
-                    raise CorpusError(
-                        f"{path}: token {tok!r} on line {lineno} of the {split} split does not "
-                        "occur in train and the vocabulary has no <unk> to map it to."
-                    )
-                i = unk
-            ids.append(i)
+    for lineno, tok in _located_tokens(text, fmt):
+        i = stoi.get(tok)
+        if i is None:
+            if unk is None:
+                raise CorpusError(
+                    f"{path}: {kind} {tok!r} on line {lineno} of the {split} split does not "
+                    "occur in train and the vocabulary has no <unk> to map it to."
+                )
+            i = unk
+        ids.append(i)
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -226,13 +225,8 @@ def tokenize_files(files: dict[str, Path], fmt: str) -> tuple[Vocab, dict[str, t
         if not texts[s].strip():
             raise CorpusError(f"{files[s]}: the {s} split is empty")
     vocab = Vocab()
-    if fmt == "char":
-        for ch in texts["train"]:
-            vocab.add(ch)
-    else:
-        for _, toks in iter_lines(texts["train"]):
-            for tok in toks:
-                vocab.add(tok)
+    for _, tok in _located_tokens(texts["train"], fmt):
+        vocab.add(tok)
     tensors = {s: _encode_split(texts[s], fmt, vocab, s, files[s]) for s in SPLITS}
     return vocab, tensors
 
