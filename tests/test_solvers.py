@@ -466,6 +466,32 @@ def test_alm_joint_step_uses_one_gradient_evaluation() -> None:
     assert abs(stats.ce + stats.penalty - J0) <= 1e-10 * J0
 
 
+def test_alm_reports_the_terms_of_its_last_joint_evaluation() -> None:
+    """Two joint steps: the reported cross entropy and penalty are J's parts at the point the
+    first step moved θ and Z to (not the starting point, whose residuals forward
+    initialisation makes zero)."""
+    model = make_model("lstm", 1)
+    K, M, lam, lr, h_lr = 3, 4, 1.3, 0.2, 0.05
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=17)
+    P = params_of(model)
+    Zl = Z.clone().requires_grad_(True)
+    grads = torch.autograd.grad(ref_J(P, model, x, y, z0, Zl, lam, U)[0], list(P.values()) + [Zl])
+    P1 = {n: (p - lr * g / M).detach() for (n, p), g in zip(P.items(), grads[:-1], strict=True)}
+    Z1 = (Z - h_lr * grads[-1]).detach()
+    with torch.no_grad():
+        _, ce1, pen1, _, resid1 = ref_J(P1, model, x, y, z0, Z1, lam, U)
+    work = copy.deepcopy(model)
+    prob = BlockProblem(work, x, y, z0, Z, lam, U.clone())
+    solver = ALM(work, torch.optim.SGD(work.parameters(), lr=lr),
+                 SolverSettings(alm_max_steps=2, h_optim="sgd", h_lr=h_lr, clip=0.0,
+                                h_clip=0.0, lam=lam, u_start=5))
+    stats = solver.step(prob, epoch=1)
+    assert stats.theta_steps == stats.h_steps == 2
+    assert stats.ce == pytest.approx(float(ce1), rel=1e-10)
+    assert stats.penalty == pytest.approx(float(pen1), rel=1e-10)
+    assert stats.residual == pytest.approx(float(resid1), rel=1e-10) and float(resid1) > 1e-3
+
+
 def test_alm_stops_below_grad_tol() -> None:
     model = make_model("gru", 1)
     K, M, lam = 3, 4, 1.0

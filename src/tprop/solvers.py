@@ -51,7 +51,8 @@ class SolverSettings:
 
 @dataclass
 class UpdateStats:
-    """What one update measured: the first θ-evaluation's terms, steps taken."""
+    """What one update measured: steps taken, and the objective's terms where θ was first
+    evaluated after the h-steps (PM, ADMM) or at the last joint step's evaluation (ALM)."""
 
     ce: float = 0.0
     penalty: float = 0.0
@@ -218,13 +219,12 @@ class ALM(PenaltyMethod):
         s = self.settings
         stats = UpdateStats()
         z_opt = build_optimizer([problem.w], s.h_optim, s.h_lr)
-        for i in range(s.alm_max_steps):
+        for _ in range(s.alm_max_steps):
             self.theta_optimizer.zero_grad(set_to_none=True)
             problem.w.grad = None
-            res = problem.evaluate(theta=True, states=True, token_ce=s.positional and i == 0)
+            res = problem.evaluate(theta=True, states=True, token_ce=s.positional)
             self._scale_theta_grads(problem)
-            if i == 0:
-                self._record(stats, res)
+            self._record(stats, res)  # the last evaluation's terms: where the states moved to
             gt = _clip(self.params, 0.0)
             gz = self._state_norm(problem.w.grad)
             if (gt * gt + gz * gz) ** 0.5 < s.alm_grad_tol:
