@@ -390,6 +390,27 @@ def _legend(ax: Any, n: int) -> None:
         ax.legend(fontsize=8)
 
 
+def _log_y(ax: Any) -> None:
+    """A log y axis labelled in plain numbers (1, 2, 5 per decade)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _shared_legend(fig: Any, axes: Any) -> None:
+    """One legend for all panels, under them (labels of every panel, once each)."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="upper center", fontsize=8,
+                   bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(seen)), frameon=False)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
@@ -417,7 +438,7 @@ def plot_curves(runs: list[Run], keys: list[str], path: Path, title: str,
                 ax.plot(*zip(*tr), "--", color=color, linewidth=1)
                 values += [t for _, t in tr]
     if _use_log(values, log_y):
-        ax.set_yscale("log")
+        _log_y(ax)
     ax.set_xlabel("epoch")
     ax.set_ylabel("perplexity" if train else "validation perplexity")
     ax.set_title(title + ("\n(solid: validation, dashed: training)" if train else ""))
@@ -486,13 +507,13 @@ def plot_against(runs: list[Run], x: str, series: list[str], path: Path, title: 
                 ax.set_xticks(xs)
                 ax.set_xticklabels([fmt_value(v) for v in xs])
         if _use_log(values, log_y):
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.set_xlabel(AXIS.get(x, HEADERS.get(x, x)))
         ax.set_ylabel(f"{what} perplexity" + (" (evaluated)" if key == "train_eval_ppl" else
                                               " (best epoch)" if what == "training" else ""))
         ax.set_title(f"{what.capitalize()} perplexity")
         ax.grid(True, which="both", alpha=0.3)
-        _legend(ax, len(ax.get_lines()))
+    _shared_legend(fig, axes)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -601,7 +622,7 @@ def plot_memory_gap(rows: list[dict[str, Any]], tasks: list[str], labels: list[s
         ax.set_ylabel("share of the memory gap closed (test)")
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
-        _legend(ax, len(ax.get_lines()) - 2)
+    _shared_legend(fig, axes)
     fig.suptitle("Long-range credit assignment: 0 = no long-range memory, 1 = the floor")
     return _save(fig, path)
 
