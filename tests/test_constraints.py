@@ -115,12 +115,18 @@ def test_default_terms_change_nothing() -> None:
     assert torch.equal(g0, g1) and torch.equal(w0, w1)
 
 
-def test_kl_direction_matters_and_both_are_nonnegative() -> None:
-    model = make_model("gru", 1)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(5, model.state_dim, generator=g)
-    b = torch.randn(5, model.state_dim, generator=g)
+def frozen_model_and_states(cell: str, nlayers: int, n: int, seed: int):
+    """A tiny model with frozen parameters and two random (n, D) state batches."""
+    model = make_model(cell, nlayers)
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, model.state_dim, generator=g)
+    b = torch.randn(n, model.state_dim, generator=g)
     model.requires_grad_(False)
+    return model, a, b
+
+
+def test_kl_direction_matters_and_both_are_nonnegative() -> None:
+    model, a, b = frozen_model_and_states("gru", 1, 5, seed=0)
     tp = float(kl_divergence(model, a, b, "target-pred"))
     pt = float(kl_divergence(model, a, b, "pred-target"))
     assert tp > 0 and pt > 0 and abs(tp - pt) > 1e-6
@@ -131,11 +137,7 @@ def test_kl_direction_matters_and_both_are_nonnegative() -> None:
 
 def test_kl_reads_only_the_top_layer_h() -> None:
     """Changing a lower layer or the LSTM cell of the states leaves the KL alone."""
-    model = make_model("lstm", 2)
-    g = torch.Generator().manual_seed(1)
-    a = torch.randn(3, model.state_dim, generator=g)
-    b = torch.randn(3, model.state_dim, generator=g)
-    model.requires_grad_(False)
+    model, a, b = frozen_model_and_states("lstm", 2, 3, seed=1)
     base = float(kl_divergence(model, a, b))
     top = slice(model.nhid, 2 * model.nhid)
     a2, b2 = a.clone(), b.clone()

@@ -148,8 +148,7 @@ class PenaltyMethod:
         s = self.settings
         if problem.dual is None:
             raise ValueError("this problem has no duals")
-        terms = getattr(problem, "terms", None)
-        if terms is not None and not terms.l2:
+        if problem.terms is not None and not problem.terms.l2:
             raise ValueError("penalty 'kl' has no squared distance for the duals to attach to "
                              "(use 'l2+kl', or the penalty method)")
         r = problem.final_states() - problem.z
