@@ -121,28 +121,31 @@ def test_forward_parallel_pass_matches_its_definition(corpus_dir: Path, float64)
     carried = torch.rand(1, D, generator=g) - 0.5
     P = dict(tr.model.named_parameters())
     tr.model.train()
+    spans = {sp.a: sp for sp in tr.plan}  # one process: this rank's shard is the whole span
     for a, b in ((0, 5), (5, 10), (35, n)):
+        sp = spans[a]
+        assert (sp.s, sp.e) == (a, b)
         with torch.no_grad():
             expect = torch.cat([
                 ref_block(P, tr.model, tr.blocks.inputs[j], tr.blocks.targets[j],
                           carried if j == a else tr.Z[j - 1:j])[1]
                 for j in range(a, b)])
-        got = tr._parallel_pass(a, b, carried)
+        got = tr.parallel_pass(sp, carried)
         assert got.shape == (b - a, D)
         assert torch.allclose(got, expect, rtol=1e-10, atol=1e-12)
-        assert torch.allclose(tr._initial_free_states(a, b, carried), expect, rtol=1e-10,
+        assert torch.allclose(tr.initial_free_states(sp, carried), expect, rtol=1e-10,
                               atol=1e-12)
         # forward initialisation instead: the sequential pass from the carried state
         tr.cfg.h_init = "forward"
         with torch.no_grad():
             seq = ref_sequential(P, tr.model, tr.blocks.inputs[a:b].t(), carried)
-        assert torch.allclose(tr._initial_free_states(a, b, carried), seq, rtol=1e-10,
+        assert torch.allclose(tr.initial_free_states(sp, carried), seq, rtol=1e-10,
                               atol=1e-12)
         assert not torch.allclose(seq, expect, atol=1e-6)  # the two really differ
         tr.cfg.h_init = "zero"
-        assert torch.equal(tr._initial_free_states(a, b, carried), torch.zeros(b - a, D))
+        assert torch.equal(tr.initial_free_states(sp, carried), torch.zeros(b - a, D))
         tr.cfg.h_init = "persist"
-        kept = tr._initial_free_states(a, b, carried)
+        kept = tr.initial_free_states(sp, carried)
         assert torch.equal(kept, tr.Z[a:b]) and kept.data_ptr() != tr.Z[a:b].data_ptr()
         tr.cfg.h_init = "forward-parallel"
     assert tr.model.training  # mode restored

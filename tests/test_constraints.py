@@ -87,7 +87,7 @@ def test_terms_equal_the_explicit_formula(name: str, cell: str, nlayers: int) ->
     with torch.no_grad():
         expect = ref_J_terms(params_of(model), model, x, y, z0, Z, lam, U, terms)
         got = objective(model, x, y, z0, Z, lam, U, terms=terms)
-        t = block_terms(model, x, y, torch.cat([z0, Z[:-1]]), Z, lam, U, terms=terms)
+        t, _ = block_terms(model, x, y, torch.cat([z0, Z[:-1]]), Z, lam, U, terms=terms)
     assert abs(float(got) / float(expect) - 1) < 1e-12
     assert (t.kl is not None) == terms.kl and (t.l1 is not None) == terms.l1
     if not terms.l2:  # kl alone: no squared distance, the duals unread
@@ -398,9 +398,9 @@ def test_duals_attach_to_the_squared_distance_only() -> None:
     entering = torch.cat([z0, Z[:-1]])
     terms = StateTerms(penalty="l2+kl")
     with torch.no_grad():
-        a = block_terms(model, x, y, entering, Z, 1.3, U, terms=terms)
-        b = block_terms(model, x, y, entering, Z, 1.3, None, terms=terms)
-        c = block_terms(model, x, y, entering, Z, 1.3, U)
+        a, _ = block_terms(model, x, y, entering, Z, 1.3, U, terms=terms)
+        b, _ = block_terms(model, x, y, entering, Z, 1.3, None, terms=terms)
+        c, _ = block_terms(model, x, y, entering, Z, 1.3, U)
     assert float(a.kl) == float(b.kl)  # the KL does not read u
     assert float(a.penalty) == float(c.penalty)  # the l2 part is the paper's, duals included
     assert float(a.penalty) != float(b.penalty)
@@ -558,10 +558,11 @@ def _dist_worker(data_dir: str, out: str) -> None:
 
     torch.set_num_threads(1)
     distributed.init_process_group(torch.device("cpu"), 60)
+    comm = distributed.DistComm(torch.device("cpu"), 60)
     results = {}
     for name, kw in DIST_CASES:
         cfg = TrainConfig.from_dict(td.cfg_dict(data_dir, **kw)).validate()
-        trainer = distributed.make_trainer(cfg, None, gather_checkpoints=True)
+        trainer = make_trainer(cfg, None, comm=comm)
         trainer.fit()
         results[name] = td.final_state(trainer)
     torch.save(results, f"{out}.{dist.get_rank()}")

@@ -23,15 +23,13 @@ import torch
 from conftest import write_corpus
 
 from tprop.cli import main
+from tprop.comm import owned_rows, plan_spans, split
 from tprop.config import ConfigError, make_config
 from tprop.distributed import (
     EXIT_LOST_CONTACT,
     LOST_CONTACT,
     is_comm_error,
     lost_contact_message,
-    owned_rows,
-    plan_spans,
-    split,
     strip_nproc,
 )
 from tprop.rundir import RunDir
@@ -85,12 +83,10 @@ def cfg_dict(data_dir: Path | str, **kw: Any) -> dict[str, Any]:
 
 
 def final_state(trainer: Any) -> dict[str, Any]:
-    """Parameters, free states and duals (full tensors) after a run."""
-    z = getattr(trainer, "Z", None)
-    u = getattr(trainer, "U", None)
-    gathered = getattr(trainer, "_gathered", None)
-    if gathered is not None:  # a distributed trainer: rank 0's gathered copies
-        z, u = gathered["Z"], gathered["U"]
+    """Parameters, free states and duals (full tensors, gathered to rank 0) after a run; every
+    rank calls it."""
+    ms = trainer.method_state()
+    z, u = ms.get("Z"), ms.get("U")
     return {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
             "Z": None if z is None else z.detach().clone(),
             "U": None if u is None else u.detach().clone()}
@@ -172,10 +168,11 @@ def _worker(data_dir: str, out: str) -> None:
 
     torch.set_num_threads(1)
     distributed.init_process_group(torch.device("cpu"), 60)
+    comm = distributed.DistComm(torch.device("cpu"), 60)
     results = {}
     for name, kw in CASES:
         cfg = TrainConfig.from_dict(cfg_dict(data_dir, **kw)).validate()
-        trainer = distributed.make_trainer(cfg, None, gather_checkpoints=True)
+        trainer = make_trainer(cfg, None, comm=comm)
         summary = trainer.fit()
         res = final_state(trainer)
         res["status"] = summary["status"]
@@ -184,7 +181,7 @@ def _worker(data_dir: str, out: str) -> None:
         results[name] = res
     bad = TrainConfig.from_dict(cfg_dict(data_dir, method="bptt", batch_size=3)).validate()
     try:
-        distributed.make_trainer(bad, None)
+        make_trainer(bad, None, comm=comm)
     except ConfigError as e:
         results["indivisible"] = str(e)
     torch.save(results, f"{out}.{dist.get_rank()}")

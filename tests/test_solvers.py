@@ -193,7 +193,7 @@ def test_update_after_a_dual_step_runs(method: str) -> None:
     x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=5)
     solver = SOLVERS[method](model, torch.optim.SGD(model.parameters(), lr=0.1),
                              SolverSettings(h_steps=2, theta_steps=2, alm_max_steps=2,
-                                            u_start=1, forward_init=False))
+                                            u_start=1, h_init="zero"))
     store = U.clone()  # the trainer's persistent duals; each problem gets a view U[a:b]
     for _ in range(2):  # two updates of the same span, as in batch mode
         solver.step(BlockProblem(model, x, y, z0, Z, 1.0, store[0:4]), epoch=1)
@@ -233,7 +233,7 @@ def test_admm_order_and_u_start(forward_init: bool, epoch: int, expect: list[str
     prob = BlockProblem(model, x, y, z0, Z, 1.0, dual)
     solver = ADMM(model, torch.optim.SGD(model.parameters(), lr=0.1),
                   SolverSettings(h_steps=2, theta_steps=1, u_start=3, h_optim="sgd", h_lr=0.1,
-                                 forward_init=forward_init))
+                                 h_init="forward" if forward_init else "zero"))
     calls: list[str] = []
     spy_order(solver, calls)
     stats = solver.step(prob, epoch)
@@ -250,7 +250,7 @@ def test_admm_dual_after_forward_init_h_steps_uses_moved_states() -> None:
     u0 = prob.dual.clone()
     solver = ADMM(model, torch.optim.SGD(model.parameters(), lr=0.1),
                   SolverSettings(h_steps=1, h_optim="sgd", h_lr=0.5, theta_steps=1, u_start=1,
-                                 u_lr=1.0, forward_init=True, clip=0.0))
+                                 u_lr=1.0, h_init="forward", clip=0.0))
     seen = {}
     orig = solver.theta_steps
 
@@ -433,7 +433,7 @@ def test_large_lambda_drives_residuals_towards_zero(method: str) -> None:
         solver = SOLVERS[method](work, torch.optim.SGD(work.parameters(), lr=0.5 / lam),
                                  SolverSettings(h_steps=10, h_optim="sgd", h_lr=0.3 / lam,
                                                 theta_steps=2, clip=0.0, lam=lam, u_start=99,
-                                                forward_init=False))
+                                                h_init="zero"))
         for _ in range(3):
             solver.step(prob, epoch=1)
         with torch.no_grad():
@@ -544,7 +544,7 @@ def test_state_dict_round_trip(method: str) -> None:
     model = make_model("lstm", 1)
     x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=18)
     settings = SolverSettings(h_steps=2, theta_steps=2, alm_max_steps=2, lam=0.7,
-                              lambda_mult=2.0, u_start=1, forward_init=False)
+                              lambda_mult=2.0, u_start=1, h_init="zero")
 
     def solver_for(m: RNNLM) -> PenaltyMethod:
         return SOLVERS[method](m, torch.optim.Adagrad(m.parameters(), lr=0.05), settings)

@@ -1,8 +1,11 @@
 """The configuration of a training run: one flat dataclass, saved as ``config.json``.
 
-Every field is a command-line flag of ``tprop train`` (``lr_decay_start`` is
-``--lr-decay-start``), so a saved config reruns a run exactly. Presets are named sets of
-field values; explicit flags override them.
+Every field is declared once, with its metadata (:class:`Meta`): the flag that sets it, its
+help text, the values it accepts, which methods read it, whether it is part of a run's
+identity in a sweep, whether ``--resume`` may change it, its report header and the settings
+view (solver, state terms, ...) it belongs to. The argument parser, the checks of
+:meth:`TrainConfig.validate`, the resume whitelist, sweep identity, report columns and the
+solvers' settings are all derived from it: adding a knob is one field plus its use.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 METHODS = ("bptt", "pm", "admm", "alm")
 BTPROP_METHODS = ("pm", "admm", "alm")
@@ -20,15 +26,83 @@ OPTIMS = ("sgd", "adagrad", "adam", "rmsprop", "nag")
 H_OPTIMS = ("sgd", "adagrad", "nag")
 H_INITS = ("forward", "forward-parallel", "zero", "persist")
 DEVICES = ("auto", "cpu", "cuda")
+MODELS = ("rnn", "gru", "lstm")
 # constrained h-optimisation (tprop.constraints, docs/beyond.md)
 PENALTIES = ("l2", "kl", "l2+kl")
 KL_DIRECTIONS = ("target-pred", "pred-target")
 STATE_CONSTRAINTS = ("none", "box", "l1")
 DTYPES = ("float32", "float64")
+FORMATS = ("word", "ptb-char", "char")  # the tokenisations of tprop.data.corpus
+SPLITS = ("train", "valid", "test")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag and what it accepts."""
+# ============================================================================ field metadata
+@dataclass(frozen=True)
+class Meta:
+    """What a configuration field is, for everything derived from it.
+
+    ``kind``: ``int``, ``float``, ``str``, ``choice``, ``flag`` (a boolean switch) or ``bpu``
+    (a number or ``all``); ``lo``/``hi`` bound numbers (``lo_open``: strictly above);
+    ``optional``: None is accepted. ``methods``: the methods that read the field (None: all).
+    ``identity``: part of what a run *is* (sweeps compare it); ``reported``: a report column
+    when it varies (default: as ``identity``); ``resumable``: ``--resume`` may change it.
+    """
+
+    help: str
+    kind: str = "str"
+    group: str = "run"
+    flag: str | None = None
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    lo: float | None = None
+    lo_open: bool = False
+    hi: float | None = None
+    hi_open: bool = False
+    optional: bool = False
+    methods: tuple[str, ...] | None = None
+    identity: bool = True
+    reported: bool | None = None
+    resumable: bool = False
+    label: str | None = None
+    view: tuple[str, ...] = ()
+    show_default: bool = True
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"meta": Meta(help, **meta)})
+
+
+def _place(default: Any, help: str, **meta: Any) -> Any:
+    """A field that says where or how a run is computed, not what it computes."""
+    meta.setdefault("identity", False)
+    meta.setdefault("reported", False)
+    return _f(default, help, **meta)
+
+
+# ============================================================================ presets
+# Presets: named overrides of the defaults. Explicit flags win over a preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The small PTB model of Zaremba et al. (2014): 2x200 LSTM, 20 steps, batch 20, init
+    # ±0.1, SGD lr 1 halved every epoch after the 4th, clip 5, 13 epochs, no dropout. Their
+    # loss sums the per-step cross entropy over the window (mean over the batch); tprop's is
+    # the mean over tokens, so the same updates are lr 1*K = 20 and clip 5/K = 0.25.
+    "zaremba-small": dict(
+        dataset="ptb", model="lstm", emsize=200, nhid=200, nlayers=2, dropout=0.0,
+        init_range=0.1, bptt=20, batch_size=20, optim="sgd", lr=20.0, clip=0.25,
+        lr_decay=0.5, lr_decay_start=5, lrshrink=1.0, tol=13, epochs=13, eval_batch_size=10,
+    ),
+    # A short PTB run (minutes on 2 CPU cores): the README's first command.
+    "quick": dict(
+        dataset="ptb", model="lstm", emsize=100, nhid=100, nlayers=1, bptt=20, batch_size=20,
+        optim="sgd", lr=20.0, clip=0.25, lrshrink=4.0, tol=1, epochs=1,
+        train_tokens=200_000, eval_tokens=20_000,
+    ),
+}
+
+
+_BT = BTPROP_METHODS
+_DUALS = ("admm", "alm")
 
 
 @dataclass
@@ -36,75 +110,154 @@ class TrainConfig:
     """Everything that defines a training run."""
 
     # what to train
-    method: str = "bptt"
+    method: str = _f("bptt", "training method", kind="choice", choices=METHODS)
     # data
-    dataset: str | None = "ptb"
-    data_dir: str | None = None
-    format: str | None = None
-    train_tokens: int | None = None
-    eval_tokens: int | None = None
+    dataset: str | None = _f("ptb", "named corpus (see `tprop data list`)", group="data",
+                             optional=True, metavar="NAME", label="corpus")
+    data_dir: str | None = _place(None, "directory holding train.txt, valid.txt, test.txt "
+                                  "(alone: your own corpus; with --dataset: where that corpus "
+                                  "lies)", group="data", optional=True, metavar="DIR")
+    format: str | None = _f(None, "tokenisation of --data-dir: word (default), ptb-char, "
+                            "char (raw characters)", kind="choice", choices=FORMATS,
+                            group="data", optional=True, show_default=False)
+    train_tokens: int | None = _f(None, "use the first N training tokens only", kind="int",
+                                  lo=1, optional=True, group="data", metavar="N")
+    eval_tokens: int | None = _f(None, "use the first N tokens of valid and test only",
+                                 kind="int", lo=1, optional=True, group="data", metavar="N")
     # model
-    model: str = "lstm"
-    emsize: int = 100
-    nhid: int = 100
-    nlayers: int = 1
-    dropout: float = 0.0
-    tied: bool = False
-    init_range: float = 0.1
+    model: str = _f("lstm", "cell", kind="choice", choices=MODELS, group="model")
+    emsize: int = _f(100, "embedding size", kind="int", lo=1, group="model", label="emb")
+    nhid: int = _f(100, "hidden units per layer", kind="int", lo=1, group="model",
+                   label="hidden")
+    nlayers: int = _f(1, "layers", kind="int", lo=1, group="model")
+    dropout: float = _f(0.0, "dropout", kind="float", lo=0, hi=1, hi_open=True, group="model")
+    tied: bool = _f(False, "tie decoder and embedding weights", kind="flag", group="model")
+    init_range: float = _f(0.1, "uniform init in ±R", kind="float", lo=0, lo_open=True,
+                           group="model")
     # layout: K is the BPTT window and the TPROP block size (--bptt / --block-size)
-    bptt: int = 10
-    batch_size: int = 32
+    bptt: int = _f(10, "BPTT window / TPROP block length (one setting)", kind="int", lo=1,
+                   group="optimisation", aliases=("--block-size",), metavar="K", label="K")
+    batch_size: int = _f(32, "stream columns", kind="int", lo=1, group="optimisation",
+                         metavar="B", methods=("bptt",), label="B")
     # optimisation
-    optim: str = "adagrad"
-    lr: float = 0.1
-    clip: float = 0.5
-    update_freq: int = 1
-    full_batch: bool = False
+    optim: str = _f("adagrad", "optimiser; sgd is plain gradient descent", kind="choice",
+                    choices=OPTIMS, group="optimisation")
+    lr: float = _f(0.1, "learning rate", kind="float", lo=0, lo_open=True, group="optimisation")
+    clip: float = _f(0.5, "gradient-norm clip, 0 disables", kind="float", lo=0,
+                     group="optimisation", view=("solver",))
+    update_freq: int = _f(1, "accumulate N windows' gradients per update", kind="int", lo=1,
+                          group="optimisation", metavar="N", methods=("bptt",),
+                          label="update freq")
+    full_batch: bool = _f(False, "one update per epoch (all windows)", kind="flag",
+                          group="optimisation", methods=("bptt",), label="full batch")
     # schedule and stopping
-    epochs: int = 10
-    lrshrink: float = 1.0
-    tol: int = 2
-    patience: int | None = None
-    lr_decay: float = 1.0
-    lr_decay_start: int = 1
-    max_ppl: float | None = None
+    epochs: int = _f(10, "epochs", kind="int", lo=1, group="schedule", identity=False,
+                     reported=True, resumable=True)
+    lrshrink: float = _f(1.0, "divide lr by this after --tol epochs without a better "
+                         "validation perplexity; 1 disables annealing and stops the run "
+                         "instead", kind="float", lo=1, group="schedule")
+    tol: int = _f(2, "bad epochs tolerated", kind="int", lo=1, group="schedule")
+    patience: int | None = _f(None, "stop after this many epochs without a new best, "
+                              "whatever --lrshrink (default: off)", kind="int", lo=1,
+                              optional=True, group="schedule", identity=False, reported=True,
+                              resumable=True, show_default=False)
+    lr_decay: float = _f(1.0, "fixed decay: multiply lr by this every epoch from "
+                         "--lr-decay-start on (1: off)", kind="float", lo=0, lo_open=True,
+                         hi=1, group="schedule")
+    lr_decay_start: int = _f(1, "first decayed epoch", kind="int", lo=1, group="schedule",
+                             metavar="EPOCH")
+    max_ppl: float | None = _f(None, "stop when perplexity exceeds this (default 2 x "
+                               "vocabulary size) or is NaN", kind="float", lo=1, lo_open=True,
+                               optional=True, group="schedule", show_default=False)
     # block target propagation (methods pm, admm, alm)
-    blocks_per_update: int | str = 32
-    h_steps: int = 10
-    h_lr: float = 1.0
-    h_tol: float = 0.0
-    h_clip: float = 0.0
-    h_optim: str = "adagrad"
-    h_init: str = "forward"
-    theta_steps: int = 5
-    lam: float = 1.0
-    lambda_mult: float = 1.0
-    u_lr: float = 1.0
-    u_clip: float = 0.0
-    u_start: int = 3
-    alm_max_steps: int = 10
-    alm_grad_tol: float = 0.0
-    arctanh: bool = False
+    blocks_per_update: int | str = _f(32, "blocks per update; all = batch mode", kind="bpu",
+                                      group="btprop", metavar="M|all", methods=_BT, label="M")
+    h_steps: int = _f(10, "steps on Z per update", kind="int", lo=0, group="btprop",
+                      metavar="H", methods=("pm", "admm"), label="h-steps", view=("solver",))
+    h_lr: float = _f(1.0, "Z learning rate", kind="float", lo=0, lo_open=True, group="btprop",
+                     methods=_BT, label="h-lr", view=("solver",))
+    h_tol: float = _f(0.0, "stop h-steps when the Z-gradient norm is below this (0: never)",
+                      kind="float", lo=0, group="btprop", methods=("pm", "admm"),
+                      view=("solver",))
+    h_clip: float = _f(0.0, "Z-gradient norm clip (0: off)", kind="float", lo=0,
+                       group="btprop", methods=_BT, view=("solver",))
+    h_optim: str = _f("adagrad", "Z optimiser", kind="choice", choices=H_OPTIMS,
+                      group="btprop", methods=_BT, view=("solver",))
+    h_init: str = _f("forward", "free-state initialisation per update", kind="choice",
+                     choices=H_INITS, group="btprop", methods=_BT, label="h-init",
+                     view=("solver",))
+    theta_steps: int = _f(5, "steps on θ per update", kind="int", lo=1, group="btprop",
+                          metavar="P", methods=("pm", "admm"), label="θ-steps",
+                          view=("solver",))
+    lam: float = _f(1.0, "penalty weight λ", kind="float", lo=0, lo_open=True, group="btprop",
+                    flag="--lambda", methods=_BT, label="λ", view=("solver",))
+    lambda_mult: float = _f(1.0, "multiply λ by this after each epoch", kind="float", lo=0,
+                            lo_open=True, group="btprop", methods=_BT, view=("solver",))
+    u_lr: float = _f(1.0, "dual step size ρ_u", kind="float", lo=0, lo_open=True,
+                     group="btprop", methods=_DUALS, view=("solver",))
+    u_clip: float = _f(0.0, "dual increment norm clip (0: off)", kind="float", lo=0,
+                       group="btprop", methods=_DUALS, view=("solver",))
+    u_start: int = _f(3, "first epoch with dual steps", kind="int", lo=1, group="btprop",
+                      metavar="EPOCH", methods=_DUALS, view=("solver",))
+    alm_max_steps: int = _f(10, "ALM joint steps per update", kind="int", lo=1,
+                            group="btprop", methods=("alm",), view=("solver",))
+    alm_grad_tol: float = _f(0.0, "stop ALM joint steps below this joint gradient norm "
+                             "(0: never)", kind="float", lo=0, group="btprop",
+                             methods=("alm",), view=("solver",))
+    arctanh: bool = _f(False, "optimise w with z = tanh(w) on the bounded state coordinates "
+                       "(keeps them in (-1, 1))", kind="flag", group="btprop", methods=_BT)
     # constrained h-optimisation (tprop.constraints); the defaults are the paper's objective
-    penalty: str = "l2"
-    kl_direction: str = "target-pred"
-    kl_weight: float = 1.0
-    state_constraint: str = "none"
-    l1_weight: float = 0.0
-    positional_ppl: bool = False
-    chunk_blocks: int | None = None
+    penalty: str = _f("l2", "the term tying F_j to z_{j+1}: l2 (the squared distance), kl "
+                      "(KL between the decoder's output distributions of z_{j+1} and F_j), "
+                      "or both; ADMM/ALM duals attach to l2 only (docs/beyond.md)",
+                      kind="choice", choices=PENALTIES, group="btprop", methods=_BT,
+                      view=("terms",))
+    kl_direction: str = _f("target-pred", "target-pred: KL(softmax g(z) || softmax g(F)); "
+                           "pred-target: the other direction", kind="choice",
+                           choices=KL_DIRECTIONS, group="btprop", methods=_BT,
+                           label="KL direction", view=("terms",))
+    kl_weight: float = _f(1.0, "weight of the KL term", kind="float", lo=0, lo_open=True,
+                          group="btprop", methods=_BT, label="KL weight", view=("terms",))
+    state_constraint: str = _f("none", "none; box: keep free states in the set the cell can "
+                               "produce (tanh RNN/GRU: as --arctanh; LSTM: h = "
+                               "sigmoid(w_o)*tanh(c), c free); l1: sparsity penalty "
+                               "--l1-weight * |z|_1", kind="choice",
+                               choices=STATE_CONSTRAINTS, group="btprop", methods=_BT,
+                               label="states", view=("terms",))
+    l1_weight: float = _f(0.0, "weight of the l1 penalty on the free states (needs "
+                          "--state-constraint l1)", kind="float", lo=0, group="btprop",
+                          methods=_BT, label="l1 weight", view=("terms",))
+    positional_ppl: bool = _f(False, "record perplexity by position in the block",
+                              kind="flag", group="btprop", methods=_BT, view=("solver",))
+    chunk_blocks: int | None = _place(None, "blocks per recurrent call (memory bound; "
+                                      "default: automatic)", kind="int", lo=1, optional=True,
+                                      group="btprop", metavar="N", methods=_BT,
+                                      show_default=False)
     # evaluation
-    eval_batch_size: int = 10
-    eval_train: bool = False
+    eval_batch_size: int = _f(10, "parallel columns for evaluation", kind="int", lo=1,
+                              group="evaluation", metavar="B")
+    eval_train: bool = _f(False, "also measure the training split's perplexity by evaluation "
+                          "each epoch (train_eval_ppl)", kind="flag", group="evaluation")
     # run
-    seed: int = 1
-    device: str = "auto"
-    threads: int | None = None
-    dtype: str | None = None  # parameters and free states; None: torch's default (float32)
-    dist_timeout: float = 120.0  # seconds a rank waits for another (distributed runs)
-    out: str | None = None
-    quiet: bool = False
-    preset: str | None = None
+    seed: int = _f(1, "random seed", kind="int")
+    device: str = _place("auto", "auto: CUDA when available", kind="choice", choices=DEVICES,
+                         resumable=True)
+    threads: int | None = _place(None, "CPU threads for torch (default: torch's)", kind="int",
+                                 lo=1, optional=True, resumable=True, show_default=False)
+    dtype: str | None = _f(None, "precision of the parameters and free states (default: "
+                           "torch's, float32)", kind="choice", choices=DTYPES, optional=True,
+                           show_default=False)
+    dist_timeout: float = _place(120.0, "how long a rank waits for another before stopping "
+                                 "with an error, in seconds", kind="float", lo=0,
+                                 lo_open=True, group="distributed", metavar="SECONDS",
+                                 resumable=True)
+    out: str | None = _place(None, "run directory to create (default runs/<name>-<time>)",
+                             optional=True, metavar="DIR", show_default=False)
+    quiet: bool = _place(False, "no progress bar (epoch lines still print)", kind="flag",
+                         resumable=True)
+    preset: str | None = _place(None, "start from a named configuration (explicit flags "
+                                "override it)", kind="choice", choices=tuple(PRESETS),
+                                optional=True, show_default=False)
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict[str, Any]:
@@ -130,90 +283,156 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError for any out-of-range value; return self."""
-
-        def need(ok: bool, flag: str, what: str) -> None:
-            if not ok:
-                key = flag.lstrip("-").replace("-", "_")
-                val = getattr(self, {"lambda": "lam"}.get(key, key), None)
-                raise ConfigError(f"{flag}: {what} (got {val!r})")
-
-        need(self.method in METHODS, "--method", f"one of {', '.join(METHODS)}")
-        need(self.dataset is not None or self.data_dir is not None, "--dataset",
-             "give --dataset NAME or --data-dir DIR")
-        need(self.model in ("rnn", "gru", "lstm"), "--model", "one of rnn, gru, lstm")
-        for name in ("emsize", "nhid", "nlayers", "bptt", "batch_size", "update_freq", "epochs",
-                     "tol", "eval_batch_size", "lr_decay_start"):
-            need(getattr(self, name) >= 1, "--" + name.replace("_", "-"), "must be >= 1")
-        for name in ("train_tokens", "eval_tokens", "patience", "threads"):
-            v = getattr(self, name)
-            need(v is None or v >= 1, "--" + name.replace("_", "-"), "must be >= 1")
-        need(0.0 <= self.dropout < 1.0, "--dropout", "must be in [0, 1)")
-        need(not (self.tied and self.emsize != self.nhid), "--tied",
-             f"weight tying needs --emsize == --nhid ({self.emsize} != {self.nhid})")
-        need(self.init_range > 0 and math.isfinite(self.init_range), "--init-range",
-             "must be > 0")
-        need(self.optim in OPTIMS, "--optim", f"one of {', '.join(OPTIMS)}")
-        need(self.lr > 0 and math.isfinite(self.lr), "--lr", "must be > 0")
-        need(self.clip >= 0, "--clip", "must be >= 0 (0 disables clipping)")
-        need(self.lrshrink >= 1, "--lrshrink", "must be >= 1 (1 disables annealing)")
-        need(0 < self.lr_decay <= 1, "--lr-decay", "must be in (0, 1]")
-        need(self.max_ppl is None or self.max_ppl > 1, "--max-ppl", "must be > 1")
-        need(self.device in DEVICES, "--device", f"one of {', '.join(DEVICES)}")
-        # block target propagation
-        bpu = self.blocks_per_update
-        need(bpu == "all" or (isinstance(bpu, int) and not isinstance(bpu, bool) and bpu >= 1),
-             "--blocks-per-update", "a number >= 1 or 'all'")
-        for name in ("h_steps", "h_tol", "h_clip", "u_clip", "alm_grad_tol"):
-            need(getattr(self, name) >= 0, "--" + name.replace("_", "-"), "must be >= 0")
-        for name in ("theta_steps", "u_start", "alm_max_steps"):
-            need(getattr(self, name) >= 1, "--" + name.replace("_", "-"), "must be >= 1")
-        for name in ("h_lr", "u_lr", "lam", "lambda_mult"):
-            v = getattr(self, name)
-            flag = "--lambda" if name == "lam" else "--" + name.replace("_", "-")
-            need(v > 0 and math.isfinite(v), flag, "must be > 0")
-        need(self.h_optim in H_OPTIMS, "--h-optim", f"one of {', '.join(H_OPTIMS)}")
-        need(self.h_init in H_INITS, "--h-init", f"one of {', '.join(H_INITS)}")
-        need(self.chunk_blocks is None or self.chunk_blocks >= 1, "--chunk-blocks",
-             "must be >= 1")
-        need(self.penalty in PENALTIES, "--penalty", f"one of {', '.join(PENALTIES)}")
-        need(self.kl_direction in KL_DIRECTIONS, "--kl-direction",
-             f"one of {', '.join(KL_DIRECTIONS)}")
-        need(self.kl_weight > 0 and math.isfinite(self.kl_weight), "--kl-weight", "must be > 0")
-        need(self.state_constraint in STATE_CONSTRAINTS, "--state-constraint",
-             f"one of {', '.join(STATE_CONSTRAINTS)}")
-        need(self.l1_weight >= 0 and math.isfinite(self.l1_weight), "--l1-weight",
-             "must be >= 0")
-        need(self.state_constraint != "l1" or self.l1_weight > 0, "--l1-weight",
-             "must be > 0 with --state-constraint l1")
-        need(self.state_constraint == "l1" or self.l1_weight == 0, "--l1-weight",
-             "applies only with --state-constraint l1")
-        need(not (self.penalty == "kl" and self.method in ("admm", "alm")), "--penalty",
-             f"'kl' alone has no squared distance for the duals of --method {self.method} to "
-             "attach to; use 'l2+kl', or --method pm")
-        need(self.dtype is None or self.dtype in DTYPES, "--dtype", f"one of {', '.join(DTYPES)}")
-        need(self.dist_timeout > 0 and math.isfinite(self.dist_timeout), "--dist-timeout",
-             "must be a positive number of seconds")
+        for name, meta in META.items():
+            problem = check_value(meta, getattr(self, name))
+            if problem is not None:
+                raise ConfigError(f"{flag_of(name)}: {problem} (got {getattr(self, name)!r})")
+        self._check_combinations()
         return self
 
+    def _check_combinations(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{flag_of(name)}: {what} (got {getattr(self, name)!r})")
 
-# Presets: named overrides of the defaults. Explicit flags win over a preset.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The small PTB model of Zaremba et al. (2014): 2x200 LSTM, 20 steps, batch 20, init
-    # ±0.1, SGD lr 1 halved every epoch after the 4th, clip 5, 13 epochs, no dropout. Their
-    # loss sums the per-step cross entropy over the window (mean over the batch); tprop's is
-    # the mean over tokens, so the same updates are lr 1*K = 20 and clip 5/K = 0.25.
-    "zaremba-small": dict(
-        dataset="ptb", model="lstm", emsize=200, nhid=200, nlayers=2, dropout=0.0,
-        init_range=0.1, bptt=20, batch_size=20, optim="sgd", lr=20.0, clip=0.25,
-        lr_decay=0.5, lr_decay_start=5, lrshrink=1.0, tol=13, epochs=13, eval_batch_size=10,
-    ),
-    # A short PTB run (minutes on 2 CPU cores): the README's first command.
-    "quick": dict(
-        dataset="ptb", model="lstm", emsize=100, nhid=100, nlayers=1, bptt=20, batch_size=20,
-        optim="sgd", lr=20.0, clip=0.25, lrshrink=4.0, tol=1, epochs=1,
-        train_tokens=200_000, eval_tokens=20_000,
-    ),
-}
+        need(self.dataset is not None or self.data_dir is not None, "dataset",
+             "give --dataset NAME or --data-dir DIR")
+        need(not (self.tied and self.emsize != self.nhid), "tied",
+             f"weight tying needs --emsize == --nhid ({self.emsize} != {self.nhid})")
+        need(self.state_constraint != "l1" or self.l1_weight > 0, "l1_weight",
+             "must be > 0 with --state-constraint l1")
+        need(self.state_constraint == "l1" or self.l1_weight == 0, "l1_weight",
+             "applies only with --state-constraint l1")
+        need(not (self.penalty == "kl" and self.method in ("admm", "alm")), "penalty",
+             f"'kl' alone has no squared distance for the duals of --method {self.method} to "
+             "attach to; use 'l2+kl', or --method pm")
+
+
+# ============================================================================ derived views
+META: dict[str, Meta] = {f.name: f.metadata["meta"] for f in fields(TrainConfig)}
+DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of field ``name`` (``lr_decay_start`` -> ``--lr-decay-start``)."""
+    return META[name].flag or "--" + name.replace("_", "-")
+
+
+def field_of(flag_or_key: str) -> str | None:
+    """The field a flag (``--lambda``, ``--block-size``) or spec key (``lambda``) names."""
+    key = flag_or_key.lstrip("-")
+    for name, meta in META.items():
+        spelled = [flag_of(name), *meta.aliases]
+        if key.replace("-", "_") == name or "--" + key in spelled:
+            return name
+    return None
+
+
+def applies(name: str, method: str) -> bool:
+    """Whether ``method`` reads field ``name``."""
+    methods = META[name].methods
+    return methods is None or method in methods
+
+
+RESUMABLE: tuple[str, ...] = tuple(n for n, m in META.items() if m.resumable)
+NOT_IDENTITY: tuple[str, ...] = tuple(n for n, m in META.items() if not m.identity)
+REPORTED: tuple[str, ...] = tuple(
+    n for n, m in META.items() if (m.identity if m.reported is None else m.reported))
+
+
+def label_of(name: str) -> str:
+    """The report header of field ``name``."""
+    return META[name].label or name
+
+
+def view(name: str) -> tuple[str, ...]:
+    """The fields of settings view ``name`` (``solver``, ``terms``), in declaration order."""
+    return tuple(n for n, m in META.items() if name in m.view)
+
+
+def view_class(view_name: str, class_name: str, doc: str, frozen: bool = False,
+               **namespace: Any) -> type:
+    """A dataclass holding the fields of a settings view, with the config's defaults;
+    ``read(cfg)`` (and, unless ``namespace`` says otherwise, ``from_config(cfg)``) reads them
+    off a ``TrainConfig`` (or anything with those fields)."""
+    names = view(view_name)
+    specs = [(n, Any, dataclasses.field(default=DEFAULTS[n])) for n in names]
+
+    def read(cls: type, cfg: Any) -> Any:
+        return cls(**{n: getattr(cfg, n) for n in names})
+
+    namespace.setdefault("from_config", classmethod(read))
+    namespace.update(read=classmethod(read), __doc__=doc)
+    return dataclasses.make_dataclass(class_name, specs, frozen=frozen, namespace=namespace)
+
+
+# ============================================================================ value checks
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def check_value(meta: Meta, value: Any) -> str | None:
+    """What is wrong with ``value`` for a field of this metadata, or None."""
+    if value is None:
+        return None if meta.optional else "a value is required"
+    kind = meta.kind
+    if kind == "flag":
+        return None if isinstance(value, bool) else "expected true or false"
+    if kind in ("choice", "str"):
+        if not isinstance(value, str):
+            return "expected a string"
+        if kind == "choice" and value not in meta.choices:
+            return f"one of {', '.join(meta.choices)}"
+        return None
+    if kind == "bpu":
+        if value == "all":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return "a number >= 1 or 'all'"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "expected a number"
+    if kind == "int" and not isinstance(value, int):
+        return "expected a whole number"
+    if not math.isfinite(value):
+        return "must be a finite number"
+    return _range_problem(meta, value)
+
+
+def _range_problem(meta: Meta, value: float) -> str | None:
+    lo_ok = meta.lo is None or (value > meta.lo if meta.lo_open else value >= meta.lo)
+    hi_ok = meta.hi is None or (value < meta.hi if meta.hi_open else value <= meta.hi)
+    if lo_ok and hi_ok:
+        return None
+    if meta.lo is not None and meta.hi is not None:
+        return (f"must be in {'(' if meta.lo_open else '['}{_num(meta.lo)}, "
+                f"{_num(meta.hi)}{')' if meta.hi_open else ']'}")
+    if meta.lo is not None:
+        return f"must be {'>' if meta.lo_open else '>='} {_num(meta.lo)}"
+    return f"must be {'<' if meta.hi_open else '<='} {_num(meta.hi)}"
+
+
+def parse_value(meta: Meta, text: str) -> Any:
+    """A command-line string as a field value; ValueError with the reason if it is not one."""
+    if meta.kind == "bpu" and text == "all":
+        return text
+    if meta.kind in ("int", "bpu"):
+        try:
+            value: Any = int(text)
+        except ValueError:
+            what = "a number >= 1 or 'all'" if meta.kind == "bpu" else "a whole number"
+            raise ValueError(f"expected {what}, got {text!r}") from None
+    elif meta.kind == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+    else:
+        value = text
+    problem = check_value(meta, value)
+    if problem is not None:
+        raise ValueError(f"{problem}, got {text}")
+    return value
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
@@ -225,8 +444,24 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
         values.update(PRESETS[preset])
         values["preset"] = preset
     values.update(overrides)
-    try:
-        cfg = TrainConfig.from_dict(values)
-    except TypeError as e:  # pragma: no cover - from_dict checks names first
-        raise ConfigError(str(e)) from None
-    return cfg.validate()
+    return TrainConfig.from_dict(values).validate()
+
+
+def groups() -> dict[str, list[str]]:
+    """Field names by argument group, in declaration order."""
+    out: dict[str, list[str]] = {}
+    for name, meta in META.items():
+        out.setdefault(meta.group, []).append(name)
+    return out
+
+
+def describe_default(name: str) -> str:
+    v = DEFAULTS[name]
+    return "off" if v is False else _num(v) if not isinstance(v, str) else v
+
+
+__all__: Sequence[str] = [
+    "BTPROP_METHODS", "ConfigError", "DEFAULTS", "META", "METHODS", "Meta", "NOT_IDENTITY",
+    "PRESETS", "REPORTED", "RESUMABLE", "TrainConfig", "applies", "check_value", "field_of",
+    "flag_of", "groups", "label_of", "make_config", "parse_value", "view", "view_class",
+]

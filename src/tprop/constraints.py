@@ -1,7 +1,7 @@
 """Constrained h-optimisation: the extra terms and state constraints beyond the paper.
 
-The paper's "future work" (METHOD.md) names two ways to constrain the free states of Block
-TPROP; ``docs/beyond.md`` is the user's guide to both.
+The paper's "future work" names two ways to constrain the free states of Block TPROP;
+``docs/beyond.md`` is the user's guide to both.
 
 **Output-distribution penalty** (``--penalty kl`` or ``l2+kl``). For every block j of an
 update, with g the model's own decoder read on the top layer's ``h`` (``model.output_hidden``)
@@ -33,29 +33,26 @@ holds with the term on. ``--penalty kl`` drops the squared distance (λ then wei
 
 Every term is local to a block (it reads F_j and z_{j+1}, both held by the rank that owns
 block j), so sharded runs (``tprop.distributed``) need no extra exchange.
+
+The free states of an update are optimised through a parametrisation ``z = to_z(w)``:
+``StateParam`` (identity, or tanh on the bounded coordinates with ``--arctanh``) and
+``BoxStateParam`` (``--state-constraint box``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .config import KL_DIRECTIONS, PENALTIES, STATE_CONSTRAINTS
+from .config import KL_DIRECTIONS, PENALTIES, STATE_CONSTRAINTS, view_class
 from .models import RNNLM
 
 
-@dataclass(frozen=True)
-class StateTerms:
-    """Which of the extra terms and constraints an update's objective uses."""
-
-    penalty: str = "l2"
-    kl_direction: str = "target-pred"
-    kl_weight: float = 1.0
-    state_constraint: str = "none"
-    l1_weight: float = 0.0
+class _TermsView:
+    """Which of the extra terms and constraints an update's objective uses (the ``terms``
+    view of ``TrainConfig``)."""
 
     @property
     def l2(self) -> bool:
@@ -82,11 +79,13 @@ class StateTerms:
     @classmethod
     def from_config(cls, cfg: Any) -> StateTerms | None:
         """The terms a ``TrainConfig`` asks for; None when it asks for none (the default)."""
-        terms = cls(getattr(cfg, "penalty", "l2"), getattr(cfg, "kl_direction", "target-pred"),
-                    float(getattr(cfg, "kl_weight", 1.0)),
-                    getattr(cfg, "state_constraint", "none"),
-                    float(getattr(cfg, "l1_weight", 0.0)))
+        terms = cls.read(cfg)
         return None if terms.is_default else terms
+
+
+StateTerms = view_class("terms", "StateTerms", _TermsView.__doc__, frozen=True,
+                        **{k: v for k, v in vars(_TermsView).items()
+                           if isinstance(v, (property, classmethod))})
 
 
 # ----------------------------------------------------------------------------- the terms
@@ -125,7 +124,33 @@ def extra_terms(model: RNNLM, final: torch.Tensor, next_states: torch.Tensor,
     return kl, l1
 
 
-# ----------------------------------------------------------------------------- box
+# ----------------------------------------------------------------------------- parametrisations
+class StateParam:
+    """Free states as optimised: ``z = w``, or with ``arctanh`` ``z = tanh(w)`` on the bounded
+    coordinates (all of an RNN/GRU state; the ``h`` half of an LSTM state, its cell ``c``
+    being unbounded)."""
+
+    EPS = 1e-6
+
+    def __init__(self, model: RNNLM, arctanh: bool) -> None:
+        self.arctanh = arctanh
+        self.bounded = model.nlayers * model.nhid if arctanh else 0
+
+    def to_z(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.bounded:
+            return w
+        b = self.bounded
+        h = torch.tanh(w[:, :b]).clamp(-1 + self.EPS, 1 - self.EPS)  # tanh rounds to ±1
+        return torch.cat([h, w[:, b:]], 1)
+
+    def to_w(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.bounded:
+            return z.clone()
+        b = self.bounded
+        h = z[:, :b].clamp(-1 + self.EPS, 1 - self.EPS)
+        return torch.cat([torch.atanh(h), z[:, b:]], 1)
+
+
 class BoxStateParam:
     """Free states kept in the set the cell can produce (see the module doc): the same
     interface as ``tprop.objective.StateParam`` (row-wise ``to_z`` / ``to_w``)."""
@@ -162,12 +187,8 @@ def make_state_param(model: RNNLM, arctanh: bool, terms: StateTerms | None) -> A
     (which supersedes ``--arctanh``), else ``StateParam`` as before."""
     if terms is not None and terms.box:
         if model.cell != "lstm":
-            from .objective import StateParam
-
             return StateParam(model, True)  # the same object as --arctanh: bitwise the same
         return BoxStateParam(model)
-    from .objective import StateParam
-
     return StateParam(model, arctanh)
 
 
@@ -184,6 +205,7 @@ def producible(model: RNNLM, z: torch.Tensor, tol: float = 0.0) -> bool:
     return bool((h * t >= -tol).all() and (h.abs() <= t.abs() + tol).all())
 
 
-__all__ = ["KL_DIRECTIONS", "PENALTIES", "STATE_CONSTRAINTS", "BoxStateParam", "StateTerms",
+__all__ = ["KL_DIRECTIONS", "PENALTIES", "STATE_CONSTRAINTS", "BoxStateParam", "StateParam",
+           "StateTerms",
            "extra_terms", "kl_divergence", "l1_norm", "make_state_param", "output_log_probs",
            "producible"]

@@ -7,8 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .comm import LOCAL, LocalComm, split
 from .data.layout import StreamColumns
-from .models import RNNLM
+from .models import RNNLM, eval_mode
 
 
 def eval_chunk_len(batch_size: int, vocab_size: int, budget: int = 1 << 24) -> int:
@@ -17,25 +18,27 @@ def eval_chunk_len(batch_size: int, vocab_size: int, budget: int = 1 << 24) -> i
 
 
 @torch.no_grad()
-def evaluate(model: RNNLM, data: torch.Tensor, batch_size: int = 10) -> tuple[float, int]:
+def evaluate(model: RNNLM, data: torch.Tensor, batch_size: int = 10,
+             comm: LocalComm = LOCAL) -> tuple[float, int]:
     """Mean token cross entropy (nats) over ``data`` and the number of predictions scored.
 
     The split is cut into ``batch_size`` columns (see ``StreamColumns``; at most
     ``batch_size - 1`` trailing predictions are left out) and each column is run from the
-    zero state to its end with the state carried, in eval mode (no dropout).
+    zero state to its end with the state carried, in eval mode (no dropout). With several
+    ranks, each runs a contiguous group of the columns and the summed cross entropy is
+    all-reduced: every rank gets the same value.
     """
-    was_training = model.training
-    model.eval()
     cols = StreamColumns(data, batch_size)
-    state = model.init_state(batch_size)
+    c0, c1 = split(batch_size, comm.world)[comm.rank]
     total = torch.zeros((), dtype=torch.float64, device=data.device)
-    chunk = eval_chunk_len(batch_size, model.ntoken)
-    for x, y in cols.windows(chunk, drop_last=False):
-        logits, state = model(x, state)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                 reduction="sum").double()
-    model.train(was_training)
-    return total.item() / cols.num_tokens, cols.num_tokens
+    if c1 > c0:
+        with eval_mode(model):
+            state = model.init_state(c1 - c0)
+            for x, y in cols.windows(eval_chunk_len(batch_size, model.ntoken), drop_last=False):
+                logits, state = model(x[:, c0:c1], state)
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         y[:, c0:c1].reshape(-1), reduction="sum").double()
+    return float(comm.sum([float(total)], kind="eval")[0]) / cols.num_tokens, cols.num_tokens
 
 
 def perplexity(loss: float) -> float:

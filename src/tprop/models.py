@@ -12,6 +12,8 @@ in two forms:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Union
 
 import torch
@@ -19,6 +21,17 @@ import torch.nn as nn
 
 CELLS = ("rnn", "gru", "lstm")
 State = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) inside; its previous mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 class RNNLM(nn.Module):

@@ -12,39 +12,79 @@ dimension), in chunks of blocks only to bound memory; the terms are sums over bl
 chunking changes nothing but memory. ``tprop.constraints`` (``terms=``) adds a KL penalty
 between output distributions and state constraints (docs/beyond.md); without it J is the
 paper's.
+
+A problem may be one rank's shard of an update (``shard``, with the run's communication
+strategy ``comm``): its first block then enters from the previous rank's last free state,
+received at every evaluation, and the gradient on that state is sent back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from .constraints import StateTerms, extra_terms, make_state_param
-from .models import RNNLM
+from .comm import LOCAL, LocalComm, SpanShard
+from .constraints import StateParam, StateTerms, extra_terms, make_state_param
+from .models import RNNLM, eval_mode
+
+__all__ = ["BlockProblem", "StateParam", "Terms", "block_terms", "default_chunk",
+           "forward_states", "frozen", "objective"]
 
 
 @dataclass
-class BlockTerms:
-    """The terms of J over some blocks (differentiable where inputs require grad)."""
+class Terms:
+    """The terms of J over some blocks: tensors (differentiable where their inputs require
+    grad) as :func:`block_terms` returns them, or floats once measured. Records add."""
 
-    ce: torch.Tensor  # Σ_j L_j / K
-    penalty: torch.Tensor  # (λ/2) Σ_j ‖F_j − z_{j+1} + u_j‖²
-    final: torch.Tensor  # F_j, (M, D)
-    token_ce: torch.Tensor | None = None  # (K, M') per-token cross entropy, detached
-    kl: torch.Tensor | None = None  # kl_weight · Σ_j KL (tprop.constraints), when on
-    l1: torch.Tensor | None = None  # l1_weight · Σ_j ‖z_{j+1}‖₁, when on
+    ce: torch.Tensor | float = 0.0  # Σ_j L_j / K
+    penalty: torch.Tensor | float = 0.0  # (λ/2) Σ_j ‖F_j − z_{j+1} + u_j‖²
+    residual: torch.Tensor | float = 0.0  # Σ_j ‖F_j − z_{j+1}‖ (without the duals; not in J)
+    kl: torch.Tensor | float | None = None  # kl_weight · Σ_j KL (tprop.constraints); None: off
+    l1: torch.Tensor | float | None = None  # l1_weight · Σ_j ‖z_{j+1}‖₁; None: off
+    token_ce: torch.Tensor | None = None  # cross entropy by position in the block, detached
+
+    SCALARS = ("ce", "penalty", "residual", "kl", "l1")
 
     @property
-    def total(self) -> torch.Tensor:
+    def total(self) -> torch.Tensor | float:
+        """J itself: every term but the residual."""
         out = self.ce + self.penalty
         for extra in (self.kl, self.l1):
             if extra is not None:
                 out = out + extra
         return out
+
+    def __add__(self, other: Terms) -> Terms:
+        out = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            out[f.name] = b if a is None else a if b is None else a + b
+        return type(self)(**out)
+
+    def measured(self) -> Terms:
+        """The terms as floats; ``token_ce`` summed over blocks to one value per position."""
+        tok = self.token_ce
+        if tok is not None and tok.dim() > 1:
+            tok = tok.sum(1)
+        return Terms(*(self._float(k) for k in self.SCALARS), token_ce=tok)
+
+    def _float(self, key: str) -> float:
+        v = getattr(self, key)
+        return 0.0 if v is None else float(v.detach() if isinstance(v, torch.Tensor) else v)
+
+    def vector(self) -> list[float]:
+        """The scalars, then the positional values: what crosses ranks to be summed."""
+        tok = [] if self.token_ce is None else self.token_ce.double().cpu().tolist()
+        return [self._float(k) for k in self.SCALARS] + tok
+
+    @classmethod
+    def from_vector(cls, v: torch.Tensor, positional: bool) -> Terms:
+        n = len(cls.SCALARS)
+        return cls(*(float(x) for x in v[:n]), token_ce=v[n:].clone() if positional else None)
 
 
 def block_terms(
@@ -59,9 +99,10 @@ def block_terms(
     skip_loss: int = 0,
     keep_token_ce: bool = False,
     terms: StateTerms | None = None,
-) -> BlockTerms:
+) -> tuple[Terms, torch.Tensor]:
     """J's terms for blocks given time-major ``(K, M)`` inputs/targets, entering states
-    ``(M, D)``, the free states they should reach ``(M, D)`` and duals.
+    ``(M, D)``, the free states they should reach ``(M, D)`` and duals; and the blocks' final
+    states ``F_j`` ``(M, D)``. ``token_ce`` is ``(K, M)`` with ``keep_token_ce``.
 
     ``skip_loss`` leaves the first blocks' cross entropy out (their decoder is not run): an
     h-step does this for a block whose entering state is fixed, its loss being constant.
@@ -74,19 +115,17 @@ def block_terms(
     hidden = out[:, skip_loss:].reshape(-1, out.shape[-1])  # 2-D: one matmul, not a bmm
     logits = model.decode(hidden)
     tok = F.cross_entropy(logits, targets[:, skip_loss:].reshape(-1), reduction="none")
-    ce = tok.sum() / k
-    token = tok.detach().view(k, -1) if keep_token_ce else None
-    if terms is not None and not terms.l2:
-        penalty = final.new_zeros(())
-    else:
+    t = Terms(ce=tok.sum() / k,
+              residual=(final.detach() - next_states.detach()).norm(dim=1).sum(),
+              token_ce=tok.detach().view(k, -1) if keep_token_ce else None)
+    if terms is None or terms.l2:
         r = final - next_states
         if dual is not None:
             r = r + dual
-        penalty = 0.5 * lam * r.pow(2).sum()
-    if terms is None:
-        return BlockTerms(ce, penalty, final, token)
-    kl, l1 = extra_terms(model, final, next_states, terms)
-    return BlockTerms(ce, penalty, final, token, kl, l1)
+        t.penalty = 0.5 * lam * r.pow(2).sum()
+    if terms is not None:
+        t.kl, t.l1 = extra_terms(model, final, next_states, terms)
+    return t, final
 
 
 def objective(
@@ -102,34 +141,7 @@ def objective(
     """J(θ, Z, U) for one update in one call: ``z_fixed`` (1, D) enters block 0, ``z`` (M, D)
     holds z_1 … z_M."""
     entering = torch.cat([z_fixed, z[:-1]], 0)
-    return block_terms(model, inputs, targets, entering, z, lam, dual, terms=terms).total
-
-
-# --------------------------------------------------------------------------- reparametrisation
-class StateParam:
-    """Free states as optimised: ``z = w``, or with ``arctanh`` ``z = tanh(w)`` on the bounded
-    coordinates (all of an RNN/GRU state; the ``h`` half of an LSTM state, its cell ``c``
-    being unbounded)."""
-
-    EPS = 1e-6
-
-    def __init__(self, model: RNNLM, arctanh: bool) -> None:
-        self.arctanh = arctanh
-        self.bounded = model.nlayers * model.nhid if arctanh else 0
-
-    def to_z(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.bounded:
-            return w
-        b = self.bounded
-        h = torch.tanh(w[:, :b]).clamp(-1 + self.EPS, 1 - self.EPS)  # tanh rounds to ±1
-        return torch.cat([h, w[:, b:]], 1)
-
-    def to_w(self, z: torch.Tensor) -> torch.Tensor:
-        if not self.bounded:
-            return z.clone()
-        b = self.bounded
-        h = z[:, :b].clamp(-1 + self.EPS, 1 - self.EPS)
-        return torch.cat([torch.atanh(h), z[:, b:]], 1)
+    return block_terms(model, inputs, targets, entering, z, lam, dual, terms=terms)[0].total
 
 
 @contextmanager
@@ -145,23 +157,13 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-@dataclass
-class PassResult:
-    """What one evaluation of J over an update's blocks measured (floats, detached)."""
-
-    ce: float  # Σ_j L_j / K over the blocks whose loss was computed
-    penalty: float
-    residual: float  # Σ_j ‖F_j − z_{j+1}‖ (without the duals)
-    token_ce: torch.Tensor | None = None  # (K,) cross entropy summed over blocks, per position
-    kl: float = 0.0  # the weighted KL term (tprop.constraints), 0 when off
-    l1: float = 0.0  # the weighted l1 term, 0 when off
-
-
 class BlockProblem:
-    """One update's blocks: data, the fixed entering state, free states, duals and λ.
+    """One update's blocks (or this rank's shard of them): data, the entering state, free
+    states, duals and λ.
 
     The free states live in ``w`` (a leaf tensor; ``z = param.to_z(w)``); ``dual`` may be a
-    view into the trainer's persistent duals, updated in place.
+    view into the trainer's persistent duals, updated in place. ``last_final`` is the final
+    state of the update's last block as the last evaluation of J computed it.
     """
 
     def __init__(
@@ -177,6 +179,8 @@ class BlockProblem:
         arctanh: bool = False,
         chunk_blocks: int | None = None,
         terms: StateTerms | None = None,
+        comm: LocalComm = LOCAL,
+        shard: SpanShard | None = None,
     ) -> None:
         self.model = model
         self.inputs, self.targets = inputs, targets
@@ -189,10 +193,17 @@ class BlockProblem:
         self.dual = dual
         self.lam = lam
         self.chunk = chunk_blocks or default_chunk(self.block_size, model.ntoken)
-        self.last_final: torch.Tensor | None = None  # F of the last block, last pass
-        # False when z_fixed is another process's free state (tprop.distributed): the first
-        # block's loss then depends on the free states and is not skipped by h-steps
-        self.entering_fixed = True
+        self.last_final: torch.Tensor | None = None
+        self.comm = comm
+        self.total_blocks = shard.total if shard is not None else self.num_blocks
+        nonempty = shard.nonempty if shard is not None else 1
+        self.has_left = 0 < comm.rank < nonempty
+        self.has_right = comm.rank + 1 < nonempty
+        self.is_last = comm.rank == nonempty - 1
+        self.last_rank = nonempty - 1
+        # the first block's loss is constant in Z (skipped by h-steps) unless it enters from
+        # another rank's free state
+        self.entering_fixed = not self.has_left
 
     @property
     def z(self) -> torch.Tensor:
@@ -211,14 +222,43 @@ class BlockProblem:
             return torch.cat([self.z_fixed, zc[:-1]], 0), zc
         return zc[:-1], zc[1:]
 
+    # ------------------------------------------------------------------ neighbours
+    def _receive_entering(self, requires_grad: bool) -> None:
+        """The previous rank's last free state becomes this shard's entering state."""
+        if not (self.has_left or self.has_right):
+            return
+        r = self.comm.rank
+        with torch.no_grad():  # the last free state (the same op as the one-process pass)
+            send = self.param.to_z(self.w.detach()[-1:]) if self.has_right else None
+        got = self.comm.shift(send, r + 1 if self.has_right else None,
+                              r - 1 if self.has_left else None, self.z_fixed)
+        if got is not None:
+            self.z_fixed = got.requires_grad_(requires_grad)
+
+    def _return_gradient(self) -> None:
+        """The gradient on the entering state goes back to the rank that owns that state."""
+        if not (self.has_left or self.has_right):
+            return
+        r = self.comm.rank
+        send = None
+        if self.has_left:
+            g = self.z_fixed.grad
+            send = g if g is not None else torch.zeros_like(self.z_fixed)
+        got = self.comm.shift(send, r - 1 if self.has_left else None,
+                              r + 1 if self.has_right else None, self.z_fixed.detach())
+        if got is not None:
+            with torch.enable_grad():
+                self.param.to_z(self.w[-1:]).backward(got)
+
+    # ------------------------------------------------------------------ passes
     def evaluate(self, *, theta: bool = False, states: bool = False,
-                 token_ce: bool = False) -> PassResult:
+                 token_ce: bool = False) -> Terms:
         """Evaluate J over all blocks, accumulating ``.grad`` of the parameters (``theta``) and/or
         of ``w`` (``states``); nothing is normalised here. Without ``theta`` the first block's
         cross entropy (constant in Z) is not computed and not included in ``ce``."""
+        self._receive_entering(states)
         w = self.w if states else self.w.detach()
-        ce = pen = res = kl = l1 = 0.0
-        tok = torch.zeros(self.block_size, device=w.device) if token_ce else None
+        total = Terms()
         grad_ctx = torch.enable_grad() if (theta or states) else torch.no_grad()
         freeze = frozen(self.model) if not theta else nullcontext()
         with grad_ctx, freeze:
@@ -226,33 +266,38 @@ class BlockProblem:
                 entering, nxt = self._entering(w, c0, c1)
                 dual = self.dual[c0:c1] if self.dual is not None else None
                 skip = 1 if (c0 == 0 and not theta and self.entering_fixed) else 0
-                t = block_terms(self.model, self.inputs[:, c0:c1], self.targets[:, c0:c1],
-                                entering, nxt, self.lam, dual, skip_loss=skip,
-                                keep_token_ce=token_ce, terms=self.terms)
+                t, final = block_terms(self.model, self.inputs[:, c0:c1],
+                                       self.targets[:, c0:c1], entering, nxt, self.lam, dual,
+                                       skip_loss=skip, keep_token_ce=token_ce,
+                                       terms=self.terms)
                 if theta or states:
                     t.total.backward()
-                with torch.no_grad():
-                    ce += float(t.ce)
-                    pen += float(t.penalty)
-                    res += float((t.final - nxt).norm(dim=1).sum())
-                    if tok is not None:
-                        tok += t.token_ce.sum(1)
-                    kl += float(t.kl) if t.kl is not None else 0.0
-                    l1 += float(t.l1) if t.l1 is not None else 0.0
+                total = total + t.measured()
                 if c1 == self.num_blocks:
-                    self.last_final = t.final[-1:].detach()
-        return PassResult(ce, pen, res, tok, kl, l1)
+                    self.last_final = final[-1:].detach()
+        if states:
+            self._return_gradient()
+        return total
 
     @torch.no_grad()
     def final_states(self) -> torch.Tensor:
         """``F_j`` for every block at the current θ and Z (recurrence only, no decoder)."""
+        self._receive_entering(False)
+        if self.num_blocks == 0:
+            return self.w.new_zeros(0, self.w.shape[1])
         z = self.z
         entering = torch.cat([self.z_fixed, z[:-1]], 0)
         outs = [self.model.final_state_flat(self.inputs[:, c0:c1], entering[c0:c1])
                 for c0, c1 in self._chunks()]
-        final = torch.cat(outs, 0)
-        self.last_final = final[-1:].clone()
-        return final
+        return torch.cat(outs, 0)
+
+    def carried_out(self) -> torch.Tensor:
+        """The update's last final state (on the last rank holding blocks), on every rank."""
+        if self.comm.world == 1:
+            return self.last_final
+        buf = (self.last_final.detach().clone() if self.is_last
+               else self.z_fixed.detach().new_zeros(self.z_fixed.shape))
+        return self.comm.broadcast_(buf, src=self.last_rank, kind="carried")
 
 
 def default_chunk(block_size: int, vocab_size: int, budget: int = 1 << 24) -> int:
@@ -261,17 +306,25 @@ def default_chunk(block_size: int, vocab_size: int, budget: int = 1 << 24) -> in
 
 
 @torch.no_grad()
-def forward_states(model: RNNLM, inputs: torch.Tensor, z_start: torch.Tensor) -> torch.Tensor:
+def forward_states(model: RNNLM, inputs: torch.Tensor, z_start: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """States after each block when the recurrence runs through the blocks in sequence from
-    ``z_start`` (1, D): row j is the state after block j. Runs in eval mode (no dropout)."""
-    was = model.training
-    model.eval()
-    out = torch.empty(inputs.shape[1], z_start.shape[1], device=z_start.device,
-                      dtype=z_start.dtype)
-    state = model.unflatten_state(z_start)
-    emb = model.encoder(inputs)  # (K, M, E)
-    for j in range(inputs.shape[1]):
-        _, state = model.rnn(emb[:, j:j + 1], state)
-        out[j] = model.flatten_state(state)[0]
-    model.train(was)
+    ``z_start`` (1, D): row j is the state after block j (only the blocks ``rows``, in that
+    order, when given). Runs in eval mode (no dropout)."""
+    nblocks = inputs.shape[1]
+    keep = torch.arange(nblocks) if rows is None else rows
+    where = torch.full((nblocks,), -1, dtype=torch.long)
+    where[keep] = torch.arange(len(keep))
+    out = z_start.new_empty(len(keep), z_start.shape[1])
+    last = int(keep.max()) + 1 if len(keep) else 0
+    with eval_mode(model):
+        state = model.unflatten_state(z_start)
+        step = 4096  # blocks embedded at a time (memory)
+        for c0 in range(0, last, step):
+            emb = model.encoder(inputs[:, c0:min(c0 + step, last)])  # (K, blocks, E)
+            for j in range(c0, min(c0 + step, last)):
+                _, state = model.rnn(emb[:, j - c0:j - c0 + 1], state)
+                i = int(where[j])
+                if i >= 0:
+                    out[i] = model.flatten_state(state)[0]
     return out

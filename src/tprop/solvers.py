@@ -5,7 +5,11 @@ Each is a small class in the shape of ``torch.optim``: its state lives in ``self
 update on a ``BlockProblem``. Normalisation (as the reference): the θ-gradient of an update
 is divided by its number of blocks M (so the cross-entropy part is the mean token cross
 entropy); the gradient on the free states is that of J itself, undivided (so that one
-plain h-step of size η with λη = 1 is the step of METHOD.md's identity E1).
+plain h-step of size η with λη = 1 is the step of identity E1, docs/method.md).
+
+The problem's communication strategy (``problem.comm``) makes the same code serve a shard of
+an update on one rank of several: θ-gradients are summed over the ranks before the division
+by the update's global M, and the norms that decide clipping and early stopping are global.
 """
 
 from __future__ import annotations
@@ -15,57 +19,44 @@ from typing import Any
 
 import torch
 
-from .objective import BlockProblem, PassResult
+from .config import view_class
+from .objective import BlockProblem, Terms
 from .optim import build_optimizer
 
 
-@dataclass
-class SolverSettings:
-    """The knobs the solvers read (a view of ``TrainConfig``)."""
+class _SolverView:
+    @property
+    def forward_init(self) -> bool:
+        """The free states start each update at the forward pass (``h_init = forward``)."""
+        return self.h_init == "forward"
 
-    h_steps: int = 10
-    h_lr: float = 1.0
-    h_tol: float = 0.0
-    h_clip: float = 0.0
-    h_optim: str = "adagrad"
-    theta_steps: int = 5
-    clip: float = 0.5
-    lam: float = 1.0
-    lambda_mult: float = 1.0
-    u_lr: float = 1.0
-    u_clip: float = 0.0
-    u_start: int = 3
-    alm_max_steps: int = 10
-    alm_grad_tol: float = 0.0
-    forward_init: bool = True
-    positional: bool = False
+    @property
+    def positional(self) -> bool:
+        return bool(self.positional_ppl)
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> SolverSettings:
-        names = cls.__dataclass_fields__
-        values = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
-        values["forward_init"] = getattr(cfg, "h_init", "forward") == "forward"
-        values["positional"] = bool(getattr(cfg, "positional_ppl", False))
-        return cls(**values)
+
+SolverSettings = view_class(
+    "solver", "SolverSettings", "The knobs the solvers read (the ``solver`` view of "
+    "``TrainConfig``, with its defaults).",
+    forward_init=_SolverView.forward_init, positional=_SolverView.positional)
 
 
 @dataclass
-class UpdateStats:
-    """What one update measured: steps taken, and the objective's terms where θ was first
-    evaluated after the h-steps (PM, ADMM) or at the last joint step's evaluation (ALM)."""
+class UpdateStats(Terms):
+    """What one update measured: the objective's terms where θ was first evaluated after the
+    h-steps (PM, ADMM) or at the last joint step's evaluation (ALM), and the steps taken."""
 
-    ce: float = 0.0
-    penalty: float = 0.0
-    residual: float = 0.0
     h_steps: int = 0
     theta_steps: int = 0
-    token_ce: torch.Tensor | None = None
-    kl: float = 0.0  # the extra terms of tprop.constraints (0 when off)
-    l1: float = 0.0
+
+    def record(self, terms: Terms) -> None:
+        for k in (*Terms.SCALARS, "token_ce"):
+            setattr(self, k, getattr(terms, k))
 
 
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip the gradient norm when ``max_norm`` > 0; return the norm before clipping."""
+    """Clip the gradient norm when ``max_norm`` > 0; return the norm before clipping (the
+    reduced gradients are the same on every rank, so this norm is global)."""
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     grads = [p.grad for p in params if p.grad is not None]
@@ -79,7 +70,7 @@ class PenaltyMethod:
     uses_duals = False
 
     def __init__(self, model: torch.nn.Module, theta_optimizer: torch.optim.Optimizer,
-                 settings: SolverSettings) -> None:
+                 settings: Any) -> None:
         self.model = model
         self.theta_optimizer = theta_optimizer
         self.settings = settings
@@ -135,11 +126,11 @@ class PenaltyMethod:
         for i in range(s.theta_steps):
             self.theta_optimizer.zero_grad(set_to_none=True)
             res = problem.evaluate(theta=True, token_ce=s.positional and i == 0)
-            self._scale_theta_grads(problem)
+            self._reduce_theta_grads(problem)
             _clip(self.params, s.clip)
             self.theta_optimizer.step()
             if i == 0:
-                self._record(stats, res)
+                stats.record(res)
             stats.theta_steps += 1
 
     def dual_step(self, problem: BlockProblem) -> None:
@@ -153,37 +144,25 @@ class PenaltyMethod:
                              "(use 'l2+kl', or the penalty method)")
         r = problem.final_states() - problem.z
         if s.u_clip > 0:
-            n = self._state_norm(r)
+            n = problem.comm.norm(r)
             if n > s.u_clip:
                 r.mul_(s.u_clip / n)
         problem.dual.add_(r, alpha=s.u_lr)
-
-    def _state_norm(self, t: torch.Tensor | None) -> float:
-        """Norm of a free-state-shaped tensor (over all shards in a distributed run)."""
-        return 0.0 if t is None else float(t.detach().double().norm())
 
     def _clip_states(self, problem: BlockProblem, max_norm: float,
                      norm: float | None = None) -> float:
         """Clip the free states' gradient norm when ``max_norm`` > 0 (as ``clip_grad_norm_``);
         return the norm before clipping."""
         g = problem.w.grad
-        total = self._state_norm(g) if norm is None else norm
+        total = problem.comm.norm(g) if norm is None else norm
         if max_norm > 0 and g is not None:
             coef = max_norm / (total + 1e-6)
             if coef < 1:
                 g.mul_(coef)
         return total
 
-    def _scale_theta_grads(self, problem: BlockProblem) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.div_(problem.num_blocks)
-
-    @staticmethod
-    def _record(stats: UpdateStats, res: PassResult) -> None:
-        stats.ce, stats.penalty, stats.residual = res.ce, res.penalty, res.residual
-        stats.token_ce = res.token_ce
-        stats.kl, stats.l1 = res.kl, res.l1
+    def _reduce_theta_grads(self, problem: BlockProblem) -> None:
+        problem.comm.reduce_grads_(self.params, problem.total_blocks)
 
 
 class ADMM(PenaltyMethod):
@@ -222,10 +201,10 @@ class ALM(PenaltyMethod):
             self.theta_optimizer.zero_grad(set_to_none=True)
             problem.w.grad = None
             res = problem.evaluate(theta=True, states=True, token_ce=s.positional)
-            self._scale_theta_grads(problem)
-            self._record(stats, res)  # the last evaluation's terms: where the states moved to
+            self._reduce_theta_grads(problem)
+            stats.record(res)  # the last evaluation's terms: where the states moved to
             gt = _clip(self.params, 0.0)
-            gz = self._state_norm(problem.w.grad)
+            gz = problem.comm.norm(problem.w.grad)
             if (gt * gt + gz * gz) ** 0.5 < s.alm_grad_tol:
                 break
             _clip(self.params, s.clip)

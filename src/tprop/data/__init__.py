@@ -1,23 +1,29 @@
-"""Corpora, vocabularies and the layouts (BPTT columns, TPROP blocks) of token streams."""
+"""Corpora, vocabularies and the layouts (BPTT columns, TPROP blocks) of token streams.
 
-from .corpus import (
-    EOS,
-    FORMATS,
-    SPLITS,
-    UNK,
-    Corpus,
-    CorpusError,
-    Vocab,
-    default_cache_dir,
-    detokenize,
-    load_corpus_dir,
-    tokenize,
-)
-from .layout import Blocks, StreamColumns
-from .registry import CORPORA, CorpusInfo, find_corpus, load_corpus, resolve_corpus
+The names below load their module on first use (PEP 562), so that torch-free parts such as
+``tprop.data.synth`` import without torch.
+"""
 
-__all__ = [
-    "CORPORA", "EOS", "FORMATS", "SPLITS", "UNK", "Blocks", "Corpus", "CorpusError",
-    "CorpusInfo", "StreamColumns", "Vocab", "default_cache_dir", "detokenize", "find_corpus",
-    "load_corpus", "load_corpus_dir", "resolve_corpus", "tokenize",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    **{name: "corpus" for name in ("EOS", "FORMATS", "SPLITS", "UNK", "Corpus", "CorpusError",
+                                   "Vocab", "default_cache_dir", "detokenize",
+                                   "load_corpus_dir", "tokenize")},
+    **{name: "layout" for name in ("Blocks", "StreamColumns")},
+    **{name: "registry" for name in ("CORPORA", "CorpusInfo", "find_corpus", "load_corpus",
+                                     "resolve_corpus")},
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -30,15 +30,13 @@ from pathlib import Path
 
 import torch
 
-SPLITS = ("train", "valid", "test")
-FORMATS = ("word", "ptb-char", "char")
+from ..config import FORMATS as FORMATS  # torch-free constants the command line shares
+from ..config import SPLITS as SPLITS
+from ..errors import CorpusError as CorpusError
+
 EOS = "<eos>"
 UNK = "<unk>"
 _CACHE_VERSION = 1
-
-
-class CorpusError(ValueError):
-    """A corpus cannot be found, read or tokenised; the message says what to do."""
 
 
 class Vocab:

@@ -55,7 +55,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .corpus import SPLITS, CorpusError
+from ..config import SPLITS
+from ..errors import CorpusError
 
 SYNTH_FILE = "synth.json"
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import BTPROP_METHODS, METHODS, TrainConfig
+from ..config import BTPROP_METHODS, METHODS, TrainConfig
 
 IGNORE = {"out", "data_dir", "threads", "quiet", "device", "preset", "dist_timeout"}
 BTPROP_ONLY = {"blocks_per_update", "h_steps", "h_lr", "h_tol", "h_clip", "h_optim", "h_init",
@@ -522,7 +522,7 @@ def plot_against(runs: list[Run], x: str, series: list[str], path: Path, title: 
 def synth_info(run: Run, root: Path) -> dict[str, Any] | None:
     """The ``synth.json`` of the run's corpus (tprop.data.synth), looked up where the run read
     it, then in ``root/data/<name>`` (a sweep folder moved elsewhere); None for other corpora."""
-    from .data.synth import read_info
+    from ..data.synth import read_info
 
     d = run.config.get("data_dir")
     if not d:
@@ -538,7 +538,7 @@ def long_range_section(runs: list[Run], keys: list[str], root: Path,
                        plots_dir: Path) -> list[str]:
     """Runs on synthetic long-range corpora: the share of the memory gap each closes, against
     the dependency length over K (a table per task, and a plot). [] when there are none."""
-    from .data.synth import memory_gap_share
+    from ..data.synth import memory_gap_share
 
     rows = []
     for r in runs:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tprop.cli import main
-from tprop.report import load_runs, minibatch_size, write_report
+from tprop.lab.report import load_runs, minibatch_size, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-import tprop.sweep as sw
+import tprop.lab.sweep as sw
 from tprop.cli import main
-from tprop.sweep import (
+from tprop.lab.sweep import (
     SpecError,
     expand,
     load_spec,

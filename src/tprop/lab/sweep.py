@@ -96,7 +96,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, TrainConfig, make_config
+from ..config import ConfigError, TrainConfig, make_config
 
 try:  # Python >= 3.11
     import tomllib
@@ -367,7 +367,7 @@ def _data_table(table: Any, where: str, source: str,
 
 
 def _check_data(table: dict[str, dict[str, Any]], where: str, source: str) -> None:
-    from .data.synth import SynthError, params_from
+    from ..data.synth import SynthError, params_from
 
     for name, entry in table.items():
         values = dict(entry)
@@ -395,7 +395,7 @@ def prepare_data(spec: Spec, out: Path, preset: str | None = None,
     """Write the spec's synthetic corpora (those of ``names``, default all) into
     ``out/data/NAME``, keeping one already there with the same parameters; returns each
     corpus's synth.json."""
-    from .data.synth import ensure_corpus, params_from
+    from ..data.synth import ensure_corpus, params_from
 
     metas = {}
     for name, entry in resolve_data(spec, preset).items():
@@ -613,7 +613,7 @@ _CORPUS: dict[tuple, Any] = {}  # the last corpus a run of this process loaded
 
 def _corpus(cfg: TrainConfig) -> Any:
     """The run's corpus, reused from the previous run of this process when it is the same."""
-    from .data import load_corpus
+    from ..data import load_corpus
 
     key = (cfg.dataset, str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, cfg.format)
     if key not in _CORPUS:
@@ -630,7 +630,7 @@ def run_point(task: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from .train import make_trainer, resume_trainer
+    from ..train import make_trainer, resume_trainer
 
     run_dir = Path(task["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -707,7 +707,7 @@ class SweepResult:
 
 def _write_index(out: Path, spec: Spec, preset: str | None, report: dict[str, Any],
                  runs: list[dict[str, Any]]) -> None:
-    from .rundir import write_json_atomic
+    from ..rundir import write_json_atomic
 
     write_json_atomic(out / "sweep.json", {
         "spec": spec.name, "source": spec.source, "preset": preset, "title": spec.title,
@@ -789,7 +789,7 @@ def run_sweep(spec: Spec | str | os.PathLike, out: str | os.PathLike,
     def task(i: int) -> dict[str, Any]:
         p = points[i]
         (out / p.name).mkdir(parents=True, exist_ok=True)
-        from .rundir import write_json_atomic
+        from ..rundir import write_json_atomic
 
         write_json_atomic(out / p.name / "point.json", {
             "name": p.name, "params": runs[i]["params"], "config": p.config,

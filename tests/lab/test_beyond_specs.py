@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tprop.data.synth import read_info
-from tprop.experiments import PRESETS, find_spec, reproduce
-from tprop.report import write_report
-from tprop.sweep import DONE, SpecError, expand, load_spec, parse_spec, resolve_data, run_sweep
+from tprop.lab.experiments import PRESETS, find_spec, reproduce
+from tprop.lab.report import write_report
+from tprop.lab.sweep import DONE, SpecError, expand, load_spec, parse_spec, resolve_data, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

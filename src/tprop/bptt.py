@@ -1,0 +1,102 @@
+"""Truncated back-propagation through time (``--method bptt``).
+
+The stream is cut into ``batch_size`` columns walked in windows of ``bptt`` steps; the state
+is carried across windows but detached; the loss of a window is the mean token cross
+entropy; gradients of ``update_freq`` windows (all of them with ``full_batch``) are averaged
+into one update. On several ranks the columns are shared out in contiguous groups and the
+model is wrapped in ``DistributedDataParallel`` (the communication strategy's
+``data_parallel``): each rank's loss is the mean over its columns and DDP averages the
+gradients, which is the one-process gradient of the same B columns.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+from .data import StreamColumns
+from .optim import build_optimizer, set_lr
+from .trainer import Trainer
+
+
+class BPTTTrainer(Trainer):
+    """Truncated BPTT over ``batch_size`` stream columns and windows of ``bptt`` steps."""
+
+    def setup(self) -> None:
+        cfg, comm = self.cfg, self.comm
+        try:
+            self.columns = StreamColumns(self.train_data, cfg.batch_size)
+        except ValueError as e:
+            raise ConfigError(f"--batch-size: {e}") from None
+        if self.columns.num_windows(cfg.bptt) < 1:
+            raise ConfigError(f"--bptt: each of the {cfg.batch_size} columns holds only "
+                              f"{self.columns.length} steps, fewer than one window of {cfg.bptt}")
+        if comm.world > 1:
+            self.columns = self._column_group(self.columns)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, cfg.lr)
+        self.step_module = comm.data_parallel(self.model)
+
+    def _column_group(self, full: StreamColumns) -> StreamColumns:
+        """This rank's contiguous group of B/P columns of the one-process layout."""
+        b, p, r = self.cfg.batch_size, self.comm.world, self.comm.rank
+        if b % p:
+            raise ConfigError(f"--batch-size: {b} stream columns do not split evenly over {p} "
+                              f"ranks; use a multiple of {p}")
+        per = b // p
+        cols = copy.copy(full)
+        cols.inputs = full.inputs[:, r * per:(r + 1) * per]
+        cols.targets = full.targets[:, r * per:(r + 1) * per]
+        cols.batch_size = per
+        return cols
+
+    def method_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def train_epoch(self, epoch: int, lr: float) -> dict[str, Any]:
+        cfg, model, opt, comm = self.cfg, self.model, self.optimizer, self.comm
+        set_lr(opt, lr)
+        self.step_module.train()
+        params = list(model.parameters())
+        nwin = self.columns.num_windows(cfg.bptt)
+        accum = nwin if cfg.full_batch else cfg.update_freq
+        state = model.init_state(self.columns.batch_size)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        bar = self.progress(nwin, f"epoch {epoch}")
+        t0, done, updates, mean = time.perf_counter(), 0, 0, 0.0
+        opt.zero_grad(set_to_none=True)
+        for w, (x, y) in enumerate(self.columns.windows(cfg.bptt)):
+            group = min(accum, nwin - (w // accum) * accum)  # windows in this update
+            sync = (w + 1) % accum == 0 or w + 1 == nwin
+            state = model.detach_state(state)
+            with nullcontext() if sync else comm.no_sync(self.step_module):
+                logits, state = self.step_module(x, state)
+                loss = F.cross_entropy(logits.view(-1, self.ntoken), y.reshape(-1))
+                (loss / group).backward()
+            loss_sum += loss.detach()
+            if sync:
+                if cfg.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                updates += 1
+                if comm.world > 1:  # what DDP all-reduced for this update
+                    comm.bytes["theta"] += sum(p.numel() * p.element_size() for p in params)
+            if (w + 1) % 50 == 0 or w + 1 == nwin:
+                mean = float(comm.sum([float(loss_sum)])[0]) / comm.world / (w + 1)
+                self.check_finite(mean, f"epoch {epoch}, window {w + 1}")
+                bar.update(w + 1 - done)
+                done = w + 1
+                tok_s = done * x.numel() * comm.world / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.close()
+        return {"train_loss": mean, "tokens": nwin * cfg.bptt * cfg.batch_size,
+                "updates": updates}
