@@ -19,8 +19,9 @@ from .checkpoint import load_checkpoint
 from .comm import LOCAL, LocalComm
 from .config import RESUMABLE, ConfigError, TrainConfig, flag_of, make_config
 from .data import Corpus
+from .fmt import fmt_ppl
 from .rundir import RunDir
-from .trainer import Diverged, Trainer, fmt_ppl
+from .trainer import Diverged, Trainer
 
 __all__ = ["TRAINERS", "Diverged", "Trainer", "make_trainer", "resume", "resume_trainer",
            "run_training", "train"]

@@ -46,10 +46,6 @@ def build_model(cfg: TrainConfig, ntoken: int) -> RNNLM:
                  cfg.init_range)
 
 
-def fmt_ppl(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
-
-
 class Trainer(ABC):
     """One training run (any method): data, model, optimiser, schedule and the epoch loop.
 
