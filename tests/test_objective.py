@@ -1,6 +1,6 @@
 """The Block TPROP objective J(θ, Z, U) and ``BlockProblem``, against explicit references.
 
-Every reference here is written from METHOD.md's formulas with plain autograd: a hand-written
+Every reference here is written from docs/method.md's formulas with plain autograd: a hand-written
 per-step cell loop (tanh RNN, GRU, LSTM, several layers) run block by block from each block's
 entering state, summed token cross entropy, explicit squared norms; nothing of the code under
 test is used to compute a reference except the parameter tensors themselves.

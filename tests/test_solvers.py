@@ -1,4 +1,4 @@
-"""The solvers (PM, ADMM, ALM) against METHOD.md: identities E0 and E1, the dual step, the
+"""The solvers (PM, ADMM, ALM) against docs/method.md: identities E0 and E1, the dual step, the
 order of an update's pieces, stopping rules and state.
 
 References are independent of the code under test: the hand-written cell loop and explicit J

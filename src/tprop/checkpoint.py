@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .data.corpus import atomic_torch_save
+from .errors import ConfigError
 
 CHECKPOINT_VERSION = 1
 
@@ -62,8 +63,22 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU, refusing anything but tensors and plain data."""
+    """Read a checkpoint onto the CPU, refusing anything but tensors and plain data, and any
+    file that is not a checkpoint of a version this tprop reads (``ConfigError``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is not a readable checkpoint ({reason[:200]}); it may be "
+                          "truncated or damaged: restore it from a copy, or delete it and "
+                          "resume from the other checkpoint") from None
+    version = ckpt.get("version") if isinstance(ckpt, dict) else None
+    if version != CHECKPOINT_VERSION:
+        what = ("has no tprop checkpoint version" if version is None else
+                f"is checkpoint version {version!r}; this tprop reads version "
+                f"{CHECKPOINT_VERSION}")
+        raise ConfigError(f"{path} {what}: it was not written by this tprop")
+    return ckpt

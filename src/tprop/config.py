@@ -320,10 +320,9 @@ def flag_of(name: str) -> str:
 
 def field_of(flag_or_key: str) -> str | None:
     """The field a flag (``--lambda``, ``--block-size``) or spec key (``lambda``) names."""
-    key = flag_or_key.lstrip("-")
+    key = flag_or_key.lstrip("-").replace("_", "-")
     for name, meta in META.items():
-        spelled = [flag_of(name), *meta.aliases]
-        if key.replace("-", "_") == name or "--" + key in spelled:
+        if "--" + key in (flag_of(name), *meta.aliases, "--" + name.replace("_", "-")):
             return name
     return None
 

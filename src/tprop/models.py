@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Union
 
 import torch
 import torch.nn as nn
 
 CELLS = ("rnn", "gru", "lstm")
-State = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 @contextmanager

@@ -91,11 +91,6 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary_file, summary)
 
-    def read_summary(self) -> dict | None:
-        if not self.summary_file.is_file():
-            return None
-        return json.loads(self.summary_file.read_text())
-
     def log(self, line: str) -> None:
         with open(self.log_file, "a") as f:
             f.write(line + "\n")

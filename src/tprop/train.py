@@ -10,8 +10,9 @@ method on every rank, restores the checkpoint when resuming, and trains.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .bptt import BPTTTrainer
 from .btprop import BTPROPTrainer
@@ -128,28 +129,35 @@ def run_training(options: dict[str, Any], resume: str | Path | None = None,
     ``torchrun`` job every rank calls this with the same arguments.
     """
     comm = connect(options, resume)
-    trainer: Trainer | None = None
+    held: list[Trainer] = []
 
     def where() -> tuple[str | None, int]:
-        return (str(trainer.run.path) if trainer is not None and trainer.run else None,
-                trainer.epoch if trainer is not None else 0)
+        t = held[0] if held else None
+        return (str(t.run.path) if t is not None and t.run else None,
+                t.epoch if t is not None else 0)
 
-    with comm.guard(where):
-        trainer = prepare(options, resume, corpus, comm, out)
-        out = trainer.run.path if trainer.run is not None else None
-        if resume is not None:
-            on = f" on {comm.world} ranks" if comm.world > 1 else ""
-            trainer.log(f"resuming {resume} after epoch {trainer.epoch}{on}")
-        elif out is not None:
-            trainer.log(f"run directory: {out}")
-        if comm.world > 1:
-            trainer.log(f"distributed: {comm.world} ranks, backend {comm.backend}, "
-                        f"--dist-timeout {comm.timeout_s:g} s")
-        summary = trainer.fit()
-        trainer.log(f"done ({summary['status']}): best valid ppl "
-                    f"{fmt_ppl(summary.get('best_valid_ppl'))} at epoch "
-                    f"{summary.get('best_epoch')}, test ppl {fmt_ppl(summary.get('test_ppl'))}")
-    comm.close()
+    try:
+        with comm.guard(where):
+            held.append(prepare(options, resume, corpus, comm, out))
+            return _fit(held[0], resume)
+    finally:
+        comm.close()
+
+
+def _fit(trainer: Trainer, resume: str | Path | None) -> dict[str, Any]:
+    comm = trainer.comm
+    if resume is not None:
+        on = f" on {comm.world} ranks" if comm.world > 1 else ""
+        trainer.log(f"resuming {resume} after epoch {trainer.epoch}{on}")
+    elif trainer.run is not None:
+        trainer.log(f"run directory: {trainer.run.path}")
+    if comm.world > 1:
+        trainer.log(f"distributed: {comm.world} ranks, backend {comm.backend}, "
+                    f"--dist-timeout {comm.timeout_s:g} s")
+    summary = trainer.fit()
+    trainer.log(f"done ({summary['status']}): best valid ppl "
+                f"{fmt_ppl(summary.get('best_valid_ppl'))} at epoch "
+                f"{summary.get('best_epoch')}, test ppl {fmt_ppl(summary.get('test_ppl'))}")
     return summary
 
 
