@@ -55,7 +55,7 @@ def test_flags_name_their_fields() -> None:
         assert field_of(flag_of(name)) == name
         for alias in meta.aliases:
             assert field_of(alias) == name
-    assert field_of("lambda") == "lam" and field_of("block_size") == "bptt"
+    assert field_of("lambda") == "lam" and field_of("block-size") == "block_size"
     assert field_of("--no-such-flag") is None
 
 

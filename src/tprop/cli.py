@@ -21,6 +21,7 @@ from .config import (
     RESUMABLE,
     SPLITS,
     ConfigError,
+    check_value,
     describe_default,
     flag_of,
     groups,
@@ -28,6 +29,9 @@ from .config import (
 )
 from .errors import USER_ERRORS
 
+# the exact-recurrence settings `tprop eval` takes
+EVAL_RECURRENCE = ("recurrence", "block_size", "rec_tol", "rec_max_iters", "rec_damping",
+                   "rec_lm", "jacobian_chunk")
 EXIT_USAGE = 2  # as tprop.trainer: a user's mistake
 EXIT_DIVERGED = 3
 
@@ -40,6 +44,9 @@ GROUPS = [
     ("optimisation", "optimisation", None),
     ("btprop", "block target propagation (--method pm|admm|alm)",
      "θ is trained with --optim/--lr/--clip; the free states Z with the --h-* flags."),
+    ("recurrence", "exact parallel-in-time recurrence (--method bptt; docs/parallel_time.md)",
+     "A window of --bptt T steps is cut into blocks of --block-size K whose entering states "
+     "are solved for exactly, all blocks running in one fused call per sweep."),
     ("schedule", "schedule and stopping", None),
     ("evaluation", "evaluation", None),
 ]
@@ -143,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--data-dir", metavar="DIR", help="where the corpus lies (default: as the run)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    g = e.add_argument_group("exact parallel recurrence (docs/parallel_time.md)")
+    for name in EVAL_RECURRENCE:
+        _add_field(g, name)
 
     g = sub.add_parser("generate", help="sample text from a trained run",
                        description="Sample text from a run's checkpoint.")
@@ -253,15 +263,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device, data_dir=args.data_dir)
     bs = args.eval_batch_size or run.cfg.eval_batch_size
-    loss, n = run.evaluate(args.split, bs)
+    rec, k = _eval_recurrence(args)
+    loss, n = run.evaluate(args.split, bs, rec, k)
     out = {"run": str(args.run_dir), "checkpoint": args.checkpoint, "split": args.split,
-           "loss": loss, "ppl": perplexity(loss), "tokens": n, "eval_batch_size": bs}
+           "loss": loss, "ppl": perplexity(loss), "tokens": n, "eval_batch_size": bs,
+           "recurrence": getattr(args, "recurrence", "sequential")}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{args.split} perplexity {out['ppl']:.2f} (loss {loss:.4f} nats/token, "
               f"{n:,} tokens, {args.checkpoint} checkpoint)")
     return 0
+
+
+def _eval_recurrence(args: argparse.Namespace) -> tuple[Any, int | None]:
+    """The exact recurrence ``tprop eval`` was asked for (None: sequential)."""
+    given = {k: v for k, v in vars(args).items() if k in EVAL_RECURRENCE}
+    name = given.get("recurrence", "sequential")
+    if name == "sequential":
+        return None, None
+    if given.get("block_size") is None:
+        raise ConfigError(f"--recurrence {name} needs --block-size K")
+    for key, value in given.items():
+        problem = check_value(META[key], value)
+        if problem is not None:
+            raise ConfigError(f"{flag_of(key)}: {problem}")
+    from .recurrence import RecurrenceSettings
+
+    fields = {k: v for k, v in given.items() if k != "block_size"}
+    return RecurrenceSettings(**fields), given["block_size"]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -32,6 +32,10 @@ PENALTIES = ("l2", "kl", "l2+kl")
 KL_DIRECTIONS = ("target-pred", "pred-target")
 STATE_CONSTRAINTS = ("none", "box", "l1")
 DTYPES = ("float32", "float64")
+# exact parallel-in-time recurrence (tprop.recurrence, docs/parallel_time.md)
+RECURRENCES = ("sequential", "jacobi", "newton", "quasi-newton")
+WARM_STARTS = ("previous", "zero")
+ON_UNCONVERGED = ("sequential", "continue", "error")
 FORMATS = ("word", "ptb-char", "char")  # the tokenisations of tprop.data.corpus
 SPLITS = ("train", "valid", "test")
 
@@ -135,8 +139,8 @@ class TrainConfig:
     init_range: float = _f(0.1, "uniform init in ±R", kind="float", lo=0, lo_open=True,
                            group="model")
     # layout: K is the BPTT window and the TPROP block size (--bptt / --block-size)
-    bptt: int = _f(10, "BPTT window / TPROP block length (one setting)", kind="int", lo=1,
-                   group="optimisation", aliases=("--block-size",), metavar="K", label="K")
+    bptt: int = _f(10, "BPTT window / TPROP block length", kind="int", lo=1,
+                   group="optimisation", metavar="K", label="K")
     batch_size: int = _f(32, "stream columns", kind="int", lo=1, group="optimisation",
                          metavar="B", methods=("bptt",), label="B")
     # optimisation
@@ -150,6 +154,54 @@ class TrainConfig:
                           label="update freq")
     full_batch: bool = _f(False, "one update per epoch (all windows)", kind="flag",
                           group="optimisation", methods=("bptt",), label="full batch")
+    # exact parallel-in-time recurrence (tprop.recurrence)
+    recurrence: str = _f("sequential", "how a window's recurrence runs: sequential (the fused "
+                         "kernel over the window), or its blocks of --block-size K solved in "
+                         "parallel, exactly: jacobi (parallel shooting sweeps), newton (dense "
+                         "block Jacobians and a parallel scan), quasi-newton (their diagonal)",
+                         kind="choice", choices=RECURRENCES, group="recurrence",
+                         view=("recurrence",))
+    block_size: int | None = _f(None, "a free state every K steps: BPTT's window (--bptt) is "
+                                "cut into blocks of K for --recurrence jacobi|newton|"
+                                "quasi-newton; with --method pm|admm|alm it is the block length "
+                                "(the same setting as --bptt)", kind="int", lo=1, optional=True,
+                                group="recurrence", metavar="K", methods=("bptt",),
+                                label="block", show_default=False)
+    rec_tol: float = _f(1e-5, "converged when every residual |F_j(s_j) - s_(j+1)| is at most "
+                        "this (forward), and the adjoint's change at most this times its size",
+                        kind="float", lo=0, group="recurrence", methods=("bptt",),
+                        label="tol", view=("recurrence",))
+    rec_max_iters: int | None = _f(None, "most sweeps / Newton iterations per window, each way "
+                                   "(default: enough to be exact, M - 1 for M blocks)",
+                                   kind="int", lo=1, optional=True, group="recurrence",
+                                   metavar="N", methods=("bptt",), label="max iters",
+                                   view=("recurrence",), show_default=False)
+    rec_damping: float = _f(1.0, "damping ω of each sweep or Newton step (s += ω δ)",
+                            kind="float", lo=0, lo_open=True, hi=1, group="recurrence",
+                            methods=("bptt",), label="ω", view=("recurrence",))
+    rec_lm: float = _f(0.0, "Levenberg-Marquardt-style damping of the Newton Jacobians "
+                       "(A / (1 + μ): 0 is Newton, large μ tends to Jacobi)", kind="float",
+                       lo=0, group="recurrence", methods=("bptt",), label="μ",
+                       view=("recurrence",))
+    warm_start: str = _f("previous", "first guess of a window's free states: previous (the "
+                         "solution of the same window in the previous epoch, zero at first) "
+                         "or zero", kind="choice", choices=WARM_STARTS, group="recurrence",
+                         methods=("bptt",), view=("recurrence",))
+    credit_blocks: int | str = _f("all", "credit assignment horizon: the adjoint's sweeps; "
+                                  "credit travels c+1 blocks back (-1: truncated BPTT with "
+                                  "window K; all: the exact full window)", kind="credit",
+                                  group="recurrence", metavar="c|all", methods=("bptt",),
+                                  label="credit", view=("recurrence",))
+    on_unconverged: str = _f("sequential", "a window that has not converged within "
+                             "--rec-max-iters: finish it sequentially (exact), continue with "
+                             "the states reached, or stop with an error", kind="choice",
+                             choices=ON_UNCONVERGED, group="recurrence", methods=("bptt",),
+                             view=("recurrence",))
+    jacobian_chunk: int | None = _place(None, "blocks per Jacobian computation (memory bound "
+                                        "of --recurrence newton; default: automatic)",
+                                        kind="int", lo=1, optional=True, group="recurrence",
+                                        metavar="N", methods=("bptt",), view=("recurrence",),
+                                        show_default=False)
     # schedule and stopping
     epochs: int = _f(10, "epochs", kind="int", lo=1, group="schedule", identity=False,
                      reported=True, resumable=True)
@@ -306,6 +358,16 @@ class TrainConfig:
         need(not (self.penalty == "kl" and self.method in ("admm", "alm")), "penalty",
              f"'kl' alone has no squared distance for the duals of --method {self.method} to "
              "attach to; use 'l2+kl', or --method pm")
+        need(self.recurrence == "sequential" or self.method == "bptt", "recurrence",
+             "the exact parallel recurrence is an execution mode of --method bptt")
+        need(self.recurrence == "sequential" or self.block_size is not None, "block_size",
+             f"--recurrence {self.recurrence} needs --block-size K (a free state every K steps "
+             f"of each --bptt window)")
+        need(self.method != "bptt" or self.block_size is None or self.block_size <= self.bptt,
+             "block_size", f"must be at most the window --bptt {self.bptt}")
+        need(self.method == "bptt" or self.block_size in (None, self.bptt), "block_size",
+             f"with --method {self.method} the block length is --bptt ({self.bptt}); give one "
+             "of them")
 
 
 # ============================================================================ derived views
@@ -383,11 +445,12 @@ def check_value(meta: Meta, value: Any) -> str | None:
         if kind == "choice" and value not in meta.choices:
             return f"one of {', '.join(meta.choices)}"
         return None
-    if kind == "bpu":
+    if kind in ("bpu", "credit"):
+        least = 1 if kind == "bpu" else -1
         if value == "all":
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return "a number >= 1 or 'all'"
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            return f"a number >= {least} or 'all'"
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "expected a number"
@@ -413,13 +476,14 @@ def _range_problem(meta: Meta, value: float) -> str | None:
 
 def parse_value(meta: Meta, text: str) -> Any:
     """A command-line string as a field value; ValueError with the reason if it is not one."""
-    if meta.kind == "bpu" and text == "all":
+    if meta.kind in ("bpu", "credit") and text == "all":
         return text
-    if meta.kind in ("int", "bpu"):
+    if meta.kind in ("int", "bpu", "credit"):
         try:
             value: Any = int(text)
         except ValueError:
-            what = "a number >= 1 or 'all'" if meta.kind == "bpu" else "a whole number"
+            what = {"bpu": "a number >= 1 or 'all'", "credit": "a number >= -1 or 'all'"}.get(
+                meta.kind, "a whole number")
             raise ValueError(f"expected {what}, got {text!r}") from None
     elif meta.kind == "float":
         try:
@@ -443,6 +507,11 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
         values.update(PRESETS[preset])
         values["preset"] = preset
     values.update(overrides)
+    if values.get("method", DEFAULTS["method"]) in BTPROP_METHODS and values.get("block_size"):
+        if "bptt" not in overrides:  # --block-size K is BTPROP's block length: --bptt K
+            values["bptt"] = values["block_size"]
+        if values["bptt"] == values["block_size"]:
+            values["block_size"] = None
     return TrainConfig.from_dict(values).validate()
 
 

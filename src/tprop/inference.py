@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,13 +28,17 @@ class LoadedRun:
     device: torch.device
     corpus: Corpus | None = None
 
-    def evaluate(self, split: str = "test", batch_size: int | None = None) -> tuple[float, int]:
-        """Mean token cross entropy and tokens scored on ``split`` (cut as in training)."""
+    def evaluate(self, split: str = "test", batch_size: int | None = None,
+                 recurrence: Any = None, block_size: int | None = None) -> tuple[float, int]:
+        """Mean token cross entropy and tokens scored on ``split`` (cut as in training);
+        ``recurrence`` (``RecurrenceSettings``) with ``block_size`` evaluates with the exact
+        parallel recurrence."""
         if self.corpus is None:
             raise ConfigError("this run was loaded without its corpus")
         data = self.corpus.split(split)
         data = data[: self.cfg.train_tokens if split == "train" else self.cfg.eval_tokens]
-        return evaluate(self.model, data.to(self.device), batch_size or self.cfg.eval_batch_size)
+        return evaluate(self.model, data.to(self.device), batch_size or self.cfg.eval_batch_size,
+                        recurrence=recurrence, block_size=block_size)
 
     @torch.no_grad()
     def generate(self, ntokens: int, temperature: float = 1.0, seed: int = 0) -> str:

@@ -14,12 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 CELLS = ("rnn", "gru", "lstm")
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class WindowMasks:
+    """The dropout masks of one window, drawn once (scaled by 1/(1−p)): on the embeddings
+    ``(T, B, E)``, between layers ``[(T, B, H)] * (L−1)``, and on the top layer's outputs."""
+
+    emb: torch.Tensor
+    between: list[torch.Tensor]
+    out: torch.Tensor
 
 
 @contextmanager
@@ -31,6 +42,21 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was)
+
+
+@contextmanager
+def frozen(params: nn.Module | list[torch.Tensor]) -> Iterator[None]:
+    """Parameters (of a module, or a list) do not require grad inside (so no parameter
+    gradient is computed)."""
+    params = list(params.parameters() if isinstance(params, nn.Module) else params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 class RNNLM(nn.Module):
@@ -145,6 +171,22 @@ class RNNLM(nn.Module):
         emb = self.drop(self.encoder(inputs))
         _, state = self.rnn(emb, self.unflatten_state(flat_state))
         return self.flatten_state(state)
+
+    def draw_masks(self, steps: int, batch: int) -> WindowMasks | None:
+        """Dropout masks for a window of ``steps`` x ``batch`` tokens (None when the model is
+        in eval mode or has no dropout): the exact parallel recurrence draws them once per
+        window and reuses them in every sweep."""
+        p = self.drop.p
+        if not self.training or p == 0:
+            return None
+        w = self.decoder.weight
+
+        def mask(width: int) -> torch.Tensor:
+            keep = torch.empty(steps, batch, width, device=w.device, dtype=w.dtype)
+            return keep.bernoulli_(1 - p).div_(1 - p)
+
+        return WindowMasks(mask(self.emsize), [mask(self.nhid) for _ in range(self.nlayers - 1)],
+                           mask(self.nhid))
 
     def config(self) -> dict:
         """Constructor arguments (plain data) that rebuild this model."""

@@ -21,7 +21,7 @@ received at every evaluation, and the gradient on that state is sent back.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .comm import LOCAL, LocalComm, SpanShard
 from .constraints import StateParam, StateTerms, extra_terms, make_state_param
-from .models import RNNLM, eval_mode
+from .models import RNNLM, eval_mode, frozen
 
 __all__ = ["BlockProblem", "StateParam", "Terms", "block_terms", "default_chunk",
            "forward_states", "frozen", "objective"]
@@ -142,19 +142,6 @@ def objective(
     holds z_1 … z_M."""
     entering = torch.cat([z_fixed, z[:-1]], 0)
     return block_terms(model, inputs, targets, entering, z, lam, dual, terms=terms)[0].total
-
-
-@contextmanager
-def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Parameters do not require grad inside (so no parameter gradient is computed)."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
 
 
 class BlockProblem:
