@@ -26,7 +26,7 @@ OPTIMS = ("sgd", "adagrad", "adam", "rmsprop", "nag")
 H_OPTIMS = ("sgd", "adagrad", "nag")
 H_INITS = ("forward", "forward-parallel", "zero", "persist")
 DEVICES = ("auto", "cpu", "cuda")
-MODELS = ("rnn", "gru", "lstm")
+MODELS = ("rnn", "gru", "lstm", "diag-gru", "diag-lstm")  # tprop.models.CELLS
 # constrained h-optimisation (tprop.constraints, docs/beyond.md)
 PENALTIES = ("l2", "kl", "l2+kl")
 KL_DIRECTIONS = ("target-pred", "pred-target")

@@ -158,7 +158,7 @@ class BoxStateParam:
     EPS = 1e-6
 
     def __init__(self, model: RNNLM) -> None:
-        self.lstm = model.cell == "lstm"
+        self.lstm = model.is_lstm
         self.half = model.nlayers * model.nhid  # h coordinates (the c ones follow, for an LSTM)
         self.bounded = self.half  # coordinates kept inside (-1, 1): every h
 
@@ -186,7 +186,7 @@ def make_state_param(model: RNNLM, arctanh: bool, terms: StateTerms | None) -> A
     """The reparametrisation of an update's free states: ``BoxStateParam`` for ``box``
     (which supersedes ``--arctanh``), else ``StateParam`` as before."""
     if terms is not None and terms.box:
-        if model.cell != "lstm":
+        if not model.is_lstm:
             return StateParam(model, True)  # the same object as --arctanh: bitwise the same
         return BoxStateParam(model)
     return StateParam(model, arctanh)
@@ -199,7 +199,7 @@ def producible(model: RNNLM, z: torch.Tensor, tol: float = 0.0) -> bool:
     h = z[:, :b]
     if h.abs().max() >= 1 + tol:
         return False
-    if model.cell != "lstm":
+    if not model.is_lstm:
         return True
     t = torch.tanh(z[:, b:])
     return bool((h * t >= -tol).all() and (h.abs() <= t.abs() + tol).all())

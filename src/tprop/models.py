@@ -19,7 +19,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-CELLS = ("rnn", "gru", "lstm")
+CELLS = ("rnn", "gru", "lstm", "diag-gru", "diag-lstm")
+
+
+def make_recurrent(cell: str, emsize: int, nhid: int, nlayers: int, dropout: float
+                   ) -> nn.Module:
+    """The recurrent stack of a cell: torch's fused ``nn.RNN``/``nn.GRU``/``nn.LSTM``, or a
+    diagonal-recurrence cell of ``tprop.cells`` (same call signature and state layout)."""
+    if cell.startswith("diag-"):
+        from .cells import DIAGONAL_CELLS
+
+        return DIAGONAL_CELLS[cell](emsize, nhid, nlayers, dropout=dropout)
+    if cell == "lstm":
+        return nn.LSTM(emsize, nhid, nlayers, dropout=dropout)
+    if cell == "gru":
+        return nn.GRU(emsize, nhid, nlayers, dropout=dropout)
+    return nn.RNN(emsize, nhid, nlayers, nonlinearity="tanh", dropout=dropout)
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -86,13 +101,7 @@ class RNNLM(nn.Module):
         self.cell, self.tied, self.init_range = cell, tied, init_range
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.Embedding(ntoken, emsize)
-        rnn_dropout = dropout if nlayers > 1 else 0.0
-        if cell == "lstm":
-            self.rnn: nn.RNNBase = nn.LSTM(emsize, nhid, nlayers, dropout=rnn_dropout)
-        elif cell == "gru":
-            self.rnn = nn.GRU(emsize, nhid, nlayers, dropout=rnn_dropout)
-        else:
-            self.rnn = nn.RNN(emsize, nhid, nlayers, nonlinearity="tanh", dropout=rnn_dropout)
+        self.rnn = make_recurrent(cell, emsize, nhid, nlayers, dropout if nlayers > 1 else 0.0)
         self.decoder = nn.Linear(nhid, ntoken)
         if tied:
             self.decoder.weight = self.encoder.weight
@@ -105,28 +114,33 @@ class RNNLM(nn.Module):
 
     # ----------------------------------------------------------------- state API
     @property
+    def is_lstm(self) -> bool:
+        """Whether the state of a layer is the pair (h, c)."""
+        return self.cell.endswith("lstm")
+
+    @property
     def state_dim(self) -> int:
         """Width of the flat carried state."""
-        return self.nlayers * self.nhid * (2 if self.cell == "lstm" else 1)
+        return self.nlayers * self.nhid * (2 if self.is_lstm else 1)
 
     def init_state(self, batch_size: int) -> State:
         """The zero state, native form, on the model's device and dtype."""
         w = self.decoder.weight
         z = w.new_zeros(self.nlayers, batch_size, self.nhid)
-        return (z, z.clone()) if self.cell == "lstm" else z
+        return (z, z.clone()) if self.is_lstm else z
 
     def flatten_state(self, state: State) -> torch.Tensor:
         """Native state -> ``(B, state_dim)``."""
-        if self.cell == "lstm":
+        if self.is_lstm:
             state = torch.cat(state, 0)  # (2L, B, H)
         return state.transpose(0, 1).reshape(state.shape[1], -1)
 
     def unflatten_state(self, flat: torch.Tensor) -> State:
         """``(B, state_dim)`` -> native state (contiguous, as the fused kernels need)."""
         b = flat.shape[0]
-        layers = self.nlayers * (2 if self.cell == "lstm" else 1)
+        layers = self.nlayers * (2 if self.is_lstm else 1)
         native = flat.reshape(b, layers, self.nhid).transpose(0, 1).contiguous()
-        if self.cell == "lstm":
+        if self.is_lstm:
             return native[: self.nlayers], native[self.nlayers :]
         return native
 

@@ -213,9 +213,31 @@ def _limit(settings: Any, blocks: int) -> int:
     return max(1, blocks - 1) + (1 if settings.recurrence != "jacobi" else 0)
 
 
-def _coefficients(jac: torch.Tensor, settings: Any) -> torch.Tensor:
-    c = jac.diagonal(dim1=-2, dim2=-1) if settings.recurrence == "quasi-newton" else jac
+def _coefficients(jac: torch.Tensor, settings: Any, structure: str) -> torch.Tensor:
+    quasi = settings.recurrence == "quasi-newton" and structure == "dense"
+    c = jac.diagonal(dim1=-2, dim2=-1) if quasi else jac
     return c / (1.0 + settings.rec_lm) if settings.rec_lm > 0 else c
+
+
+def pairs(v: torch.Tensor) -> torch.Tensor:
+    """Flat LSTM-layer states ``(…, 2H)`` laid out ``[h, c]`` as ``(…, H, 2)`` pairs (the
+    layout of 2×2-block-diagonal Jacobians)."""
+    h, c = v.chunk(2, -1)
+    return torch.stack([h, c], -1)
+
+
+def unpairs(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pairs`."""
+    return torch.cat([v[..., 0], v[..., 1]], -1)
+
+
+def solve_linear(c: torch.Tensor, b: torch.Tensor, structure: str, reverse: bool = False,
+                 transpose: bool = False) -> torch.Tensor:
+    """The linear recurrence of a unit's Jacobians ``c`` (dense ``(…, D, D)``, diagonal
+    ``(…, D)``, or ``block2`` ``(…, H, 2, 2)`` over ``[h, c]`` pairs) by one scan."""
+    if structure == "block2":
+        return unpairs(linear_scan(c, pairs(b), reverse=reverse, transpose=transpose))
+    return linear_scan(c, b, reverse=reverse, transpose=transpose)
 
 
 def solve_states(unit: Any, head: torch.Tensor, s0: torch.Tensor, guess: torch.Tensor,
@@ -244,7 +266,9 @@ def solve_states(unit: Any, head: torch.Tensor, s0: torch.Tensor, guess: torch.T
                 s = s + r if omega == 1 else s + omega * r
             return s, it, jac
         if newton:
-            step = linear_scan(_coefficients(jac, settings), r)
+            step = solve_linear(_coefficients(jac, settings, unit.structure), r,
+                                "diag" if settings.recurrence == "quasi-newton"
+                                and unit.structure == "dense" else unit.structure)
             s = s + (step if omega == 1 else omega * step)
             jac = None  # the states moved: the Jacobians are no longer theirs
         else:
@@ -444,7 +468,7 @@ def _adjoint_scan(window: _Window, finals: torch.Tensor, enter: torch.Tensor,
             jac = unit.jacobian(window.head[:, : m1 * b], enter_head, chunk)[1]
         jac = jac.view(m1, b, *jac.shape[1:])
     coeff = torch.cat([jac[1:], torch.zeros_like(jac[:1])], 0)  # A_j for j = 1 … M−1
-    a = linear_scan(coeff, g, reverse=True, transpose=True)
+    a = solve_linear(coeff, g, unit.structure, reverse=True, transpose=True)
     check = g + _vjp_finals(finals, enter, a)
     rec.adj_iters, rec.adj_residual = 1, _relative_change(check, a)
     return a
@@ -519,7 +543,7 @@ def parallel_recur(model: Any, inputs: torch.Tensor, state: torch.Tensor, settin
         x = x * masks.emb
     per_layer = masks is not None and model.nlayers > 1
     units = units_of(model.rnn, per_layer)
-    lstm = model.cell.endswith("lstm")
+    lstm = model.is_lstm
     parts = split_state(state, units, model.nlayers, model.nhid, lstm)
     finals = []
     for i, (unit, s0) in enumerate(zip(units, parts)):
