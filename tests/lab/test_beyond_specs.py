@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 
 from tprop.data.synth import read_info
+from tprop.lab.corpora import resolve_data
+from tprop.lab.expand import expand
 from tprop.lab.experiments import PRESETS, find_spec, reproduce
 from tprop.lab.report import write_report
-from tprop.lab.sweep import DONE, SpecError, expand, load_spec, parse_spec, resolve_data, run_sweep
+from tprop.lab.runner import DONE
+from tprop.lab.spec import SpecError, load_spec, parse_spec
+from tprop.lab.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from tprop.cli import main
+from tprop.lab.expand import expand
 from tprop.lab.experiments import PRESETS, experiments_dir, find_spec, list_specs, reproduce
-from tprop.lab.sweep import DONE, SpecError, expand, load_spec
+from tprop.lab.runner import DONE
+from tprop.lab.spec import SpecError, load_spec
 
 EXPECTED = ["batch_vs_minibatch", "block_size", "hidden_size", "minibatch_size",
             "regularisation"]

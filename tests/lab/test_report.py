@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from tprop.cli import main
-from tprop.lab.report import load_runs, minibatch_size, write_report
+from tprop.lab.report import write_report
+from tprop.lab.runs import load_runs, minibatch_size
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,16 +44,26 @@ def make_run(d: Path, config: dict[str, Any], valid: list[float], *, test: float
     return d
 
 
-def table_rows(md: str) -> list[list[str]]:
-    """The cells of the results table's body rows."""
+def results(md: str) -> list[list[str]]:
+    """The cells of the results table: the header, then the body rows."""
     section = md.split("## Results", 1)[1].split("\n\n", 2)[1]
-    lines = [ln for ln in section.splitlines() if ln.startswith("|")][2:]
-    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[:1] + lines[2:]]
+
+
+def run_column(md: str) -> list[str]:
+    """The results table's first column: the run directory's name, header first."""
+    return [cells[0] for cells in results(md)]
+
+
+def table_rows(md: str) -> list[list[str]]:
+    """The cells of the results table's body rows, after the run-name column."""
+    return [cells[1:] for cells in results(md)[1:]]
 
 
 def header(md: str) -> list[str]:
-    section = md.split("## Results", 1)[1].split("\n\n", 2)[1]
-    return [c.strip() for c in section.splitlines()[0].strip("|").split("|")]
+    """The results table's headers, after the run-name column."""
+    return results(md)[0][1:]
 
 
 def check_png(path: Path) -> None:
@@ -201,3 +212,103 @@ def test_report_cli_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- unreadable runs
+def test_a_corrupt_config_is_listed_and_warned(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "r"
+    make_run(root / "good", {**BASE, "nhid": 50}, [300.0, 200.0])
+    make_run(root / "other", {**BASE, "nhid": 100}, [310.0, 210.0])
+    make_run(root / "broken", {**BASE, "nhid": 200}, [320.0, 220.0])
+    (root / "broken" / "config.json").write_text('{"nhid": 20')  # cut short
+    (root / "planned").mkdir()
+    (root / "planned" / "point.json").write_text("[1, 2]")  # a sweep's point, garbled
+    assert main(["report", str(root)]) == 0
+    out = capsys.readouterr().out
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 2
+    assert str(root / "broken" / "config.json") in warnings[0] and "not valid JSON" in warnings[0]
+    assert str(root / "planned" / "point.json") in warnings[1]
+    md = (root / "report.md").read_text()
+    section = md.split("## Runs that could not be read", 1)[1].split("##", 1)[0]
+    assert "`broken/config.json` is not valid JSON" in section
+    assert "`planned/point.json`" in section
+    assert run_column(md)[1:] == ["`good`", "`other`"]  # the readable runs, in the table
+    assert "2 could not be read" in md
+
+
+def test_two_writers_of_one_run_are_flagged_not_drawn(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "w"
+    make_run(root / "method=bptt", {**BASE, "method": "bptt"}, [300.0, 250.0])
+    twice = make_run(root / "method=pm", {**BASE, "method": "pm"}, [310.0, 260.0])
+    rows = (twice / "metrics.jsonl").read_text().splitlines()
+    # two processes appended their epochs, interleaved: 1, 1, 2, 2
+    (twice / "metrics.jsonl").write_text("\n".join([rows[0], rows[0], rows[1], rows[1]]) + "\n")
+    figures = capture_figures(monkeypatch)
+    lines: list[str] = []
+    md = write_report(root, echo=lines.append).read_text()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "method=pm" in lines[0]
+    assert "epochs 1, 1, 2, 2" in lines[0]
+    warned = md.split("## Warnings", 1)[1].split("##", 1)[0]
+    assert "`method=pm`" in warned and "two processes" in warned
+    by = {r[0]: r for r in table_rows(md)}
+    assert by["pm"][-1] == "finished ⚠" and by["bptt"][-1] == "finished"
+    (ax,) = figures["valid_curves.png"].axes
+    assert [ln.get_label() for ln in ax.get_lines()] == ["bptt"]  # the doubtful run: not drawn
+    assert len(load_runs(root)[1].warnings) == 1
+
+
+# --------------------------------------------------------------------------- plots and headers
+def capture_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The figures the report saves, by file name (they are still written)."""
+    import tprop.lab.plots as plots
+
+    figures: dict[str, Any] = {}
+    real = plots.save
+
+    def save(fig: Any, path: Path) -> Path:
+        figures[path.name] = fig
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "save", save)
+    return figures
+
+
+def styles_of(ax: Any) -> list[tuple]:
+    return [(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in ax.get_lines()
+            if not ln.get_label().startswith("_")]
+
+
+def test_identical_series_stay_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "same"
+    for method in ("pm", "admm", "alm"):  # the same numbers for every method
+        for n in (25, 50):
+            make_run(root / f"method={method},nhid={n}", {**BASE, "method": method, "nhid": n},
+                     [400.0 - n, 350.0 - n], test=300.0 - n)
+    figures = capture_figures(monkeypatch)
+    write_report(root)
+    (ax,) = figures["valid_curves.png"].axes
+    curves = styles_of(ax)
+    assert len(curves) == 6
+    assert len({s[1:] for s in curves}) == 6  # dashes and markers differ, not colours alone
+    for ax in figures["ppl_vs_nhid.png"].axes[:2]:
+        lines = styles_of(ax)
+        assert len(lines) == 3 and len({s[1:] for s in lines}) == 3
+        assert len({tuple(ln.get_ydata()) for ln in ax.get_lines()}) == 1  # they do overlap
+
+
+def test_results_table_names_runs_and_no_header_twice(tmp_path: Path) -> None:
+    root = tmp_path / "h"
+    make_run(root / "a", {**BASE, "dataset": "ptb", "epochs": 2}, [300.0, 200.0])
+    make_run(root / "b", {**BASE, "dataset": "ptb-char", "epochs": 3}, [5.0, 4.0, 3.5])
+    md = write_report(root).read_text()
+    head = results(md)[0]
+    assert head[0] == "run" and run_column(md)[1:] == ["`a`", "`b`"]
+    assert len(set(head)) == len(head), head
+    # corpus (the folder or named corpus) and the dataset field share a label; epochs (the
+    # setting) and epochs (those run) a header
+    assert "corpus" in head and "corpus (--dataset)" in head
+    assert "epochs" in head and "epochs (--epochs)" in head
+    assert table_rows(md)[0][:3] == ["ptb", "ptb", "2"]

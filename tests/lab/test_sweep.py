@@ -11,15 +11,9 @@ import pytest
 
 import tprop.lab.sweep as sw
 from tprop.cli import main
-from tprop.lab.sweep import (
-    SpecError,
-    expand,
-    load_spec,
-    parse_assignments,
-    parse_spec,
-    run_name,
-    run_sweep,
-)
+from tprop.lab.expand import cpu_count, expand, resolve, run_name
+from tprop.lab.spec import SpecError, load_spec, parse_spec
+from tprop.lab.sweep import parse_assignments, run_sweep
 
 
 def tiny_base(data_dir: Path, **kw: Any) -> dict[str, Any]:
@@ -92,7 +86,7 @@ def test_preset_overrides_base_grid_zip_and_report() -> None:
         "method=pm,bptt=3,h_steps=1,lambda=1.0", "method=pm,bptt=3,h_steps=2,lambda=0.1",
         "method=admm,bptt=3,h_steps=1,lambda=1.0", "method=admm,bptt=3,h_steps=2,lambda=0.1"]
     assert all(p.config["epochs"] == 1 and p.config["nhid"] == 8 for p in points)
-    _, _, _, report = sw.resolve(spec, "smoke")
+    _, _, _, report = resolve(spec, "smoke")
     assert report == {"rows": ["method"], "curves_by": "bptt"}
     # the spec itself is untouched by resolving a preset
     assert [p.config["nhid"] for p in expand(spec)] == [20] * 8
@@ -157,7 +151,10 @@ def test_none_aliases_and_bare_data_dir() -> None:
                                 "lambda": 2.0}}, "a.toml")
     (p,) = expand(spec)
     assert p.config["dataset"] is None and p.config["data_dir"] == "/x"
-    assert p.config["train_tokens"] is None and p.config["bptt"] == 7 and p.config["lam"] == 2.0
+    # block_size is a field of its own now (the parallel recurrence's K), no longer --bptt's
+    # alias: the spec key names that field
+    assert p.config["train_tokens"] is None and p.config["block_size"] == 7 and \
+        p.config["lam"] == 2.0
     (q,) = expand(parse_spec({"base": {"dataset": "ptb", "data_dir": "/x"}}, "b.toml"))
     assert q.config["dataset"] == "ptb"
     assert parse_assignments(["device=cpu", "lr=0.5", "train_tokens=none", "tied=true"]) == {
@@ -206,7 +203,7 @@ def test_invalid_values_and_presets_are_caught_before_running(tmp_path: Path) ->
 def test_threads_default_to_cpus_over_workers() -> None:
     spec = parse_spec({"base": {"dataset": "ptb"}}, "t.toml")
     (p,) = expand(spec, workers=2)
-    assert p.config["threads"] == max(1, sw.cpu_count() // 2)
+    assert p.config["threads"] == max(1, cpu_count() // 2)
     (q,) = expand(parse_spec({"base": {"dataset": "ptb", "threads": 3}}, "t.toml"), workers=2)
     assert q.config["threads"] == 3
 
@@ -353,3 +350,151 @@ def test_cli_sweep_then_report(tiny_corpus_dir: Path, tmp_path: Path,
     assert main(["sweep", str(spec), "--out", str(out), "--threads", "1"]) == 0
     assert capsys.readouterr().out.count("] skip") == 2
     assert os.path.isdir(out / "nhid=4")
+
+
+# --------------------------------------------------------------------------- specs naming no runs
+@pytest.mark.parametrize("content", [
+    "",                                     # an empty file
+    "title = \"nothing\"\n",                 # no table at all
+    "[base]\n",                             # an empty [base] alone: the default run
+    "[base]\nnhid = 3\n[grid]\n",           # a [grid] without keys
+    "[[grid]]\n[[grid]]\n",                 # [[grid]] tables without keys
+    "[presets.smoke]\nnhid = 3\n",          # presets of nothing
+])
+def test_a_spec_that_names_no_runs_is_refused(content: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    spec = tmp_path / "empty.toml"
+    spec.write_text(content)
+    with pytest.raises(SpecError, match="names no runs"):
+        load_spec(spec)
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(spec), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "names no runs" in err
+    assert str(spec) in err
+    assert not (tmp_path / "o").exists()  # no run started, nothing written
+
+
+def test_a_spec_with_settings_only_is_one_run() -> None:
+    (p,) = expand(parse_spec({"base": {"dataset": "ptb", "nhid": 3}}, "one.toml"))
+    assert p.name == "run" and p.config["nhid"] == 3
+    (q,) = expand(parse_spec({"base": {"dataset": "ptb"}, "grid": {}, "zip": {"nhid": [4]}},
+                             "z.toml"))
+    assert q.name == "nhid=4"
+
+
+# --------------------------------------------------------------------------- workers die with it
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int, marker: str) -> bool:
+    """Whether ``pid`` still runs (not gone, not a zombie) the command holding ``marker``."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and marker in _cmdline(pid)
+
+
+def _wait_for(cond: Any, timeout: float, proc: Any = None) -> bool:
+    """Whether ``cond()`` holds within ``timeout`` seconds (False as soon as ``proc`` ends)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return cond()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_killed_sweep_takes_its_workers_with_it(tiny_corpus_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    # two runs that would go on for minutes: no early stop, many epochs
+    spec = write_spec(tmp_path / "s.toml", tiny_base(tiny_corpus_dir, method="bptt",
+                                                   epochs=100000, tol=100000),
+                      {"nhid": [6, 8]})
+    out = tmp_path / "sweep"
+    parent = subprocess.Popen([sys.executable, "-m", "tprop", "sweep", str(spec), "--out",
+                               str(out), "--workers", "2", "--threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        started = _wait_for(lambda: all((out / n / "config.json").is_file()
+                                        for n in ("nhid=6", "nhid=8")), 120, parent)
+        assert started, f"the sweep did not start both runs (exit status {parent.poll()})"
+        workers = [p for p in _children(parent.pid) if "spawn_main" in _cmdline(p)]
+        assert len(workers) == 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert _wait_for(lambda: not any(_alive(p, "spawn_main") for p in workers), 10), \
+            "the workers outlived their sweep"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for p in workers:  # left over only when the test fails
+            if _alive(p, "spawn_main"):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_watchdog_ends_a_process_whose_parent_died(tmp_path: Path) -> None:
+    """The fallback where prctl is unavailable: a thread polling the parent's pid."""
+    import signal
+    import subprocess
+    import sys
+
+    child = ("import os, time; from tprop.lab.pool import watch_parent; "
+             "watch_parent(os.getppid(), 0.05); print(os.getpid(), flush=True); time.sleep(60)")
+    middle = ("import subprocess, sys; "
+              f"subprocess.run([sys.executable, '-c', {child!r}])")
+    parent = subprocess.Popen([sys.executable, "-c", middle], stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        pid = int(parent.stdout.readline())
+        assert _alive(pid, "watch_parent") or not Path("/proc").is_dir()
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        if Path("/proc").is_dir():
+            assert _wait_for(lambda: not _alive(pid, "watch_parent"), 10)
+        else:  # pragma: no cover - not Linux
+            assert _wait_for(lambda: not _pid_exists(pid), 10)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if pid is not None and _alive(pid, "watch_parent"):
+            os.kill(pid, signal.SIGKILL)
+        parent.stdout.close()
+
+
+def _pid_exists(pid: int) -> bool:  # pragma: no cover - not Linux
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -62,7 +62,9 @@ def add_lab_commands(sub: Any) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import load_spec, parse_assignments, run_sweep
+    """``tprop sweep``: 0 when every run is done, 1 when some failed."""
+    from .spec import load_spec
+    from .sweep import parse_assignments, run_sweep
 
     spec = load_spec(args.spec)
     out = args.out or f"runs/sweep/{spec.name}" + (f"-{args.preset}" if args.preset else "")
@@ -77,6 +79,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``tprop report``: the report of the runs under a folder."""
     from .report import write_report
 
     print(f"report: {write_report(args.dir, title=args.title)}")
@@ -84,6 +87,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    """``tprop reproduce``: an experiment's sweep, then its report; 1 when some run failed."""
     from .experiments import reproduce
     from .sweep import parse_assignments
 
@@ -99,4 +103,5 @@ COMMANDS = {"sweep": cmd_sweep, "report": cmd_report, "reproduce": cmd_reproduce
 
 
 def run_lab_command(args: argparse.Namespace) -> int:
+    """Run the lab command ``args.command``; its exit status."""
     return COMMANDS[args.command](args)

@@ -9,10 +9,12 @@ presets ``smoke`` (seconds; run by the tests), ``cpu`` (the study on a 2-core ma
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .sweep import SpecError, SweepResult, load_spec, run_sweep
+from .spec import SpecError, load_spec
+from .sweep import SweepResult, run_sweep
 
 PRESETS = ("smoke", "cpu", "paper")
 
@@ -28,6 +30,7 @@ def experiments_dir() -> Path:
 
 
 def list_specs() -> list[str]:
+    """The names of the shipped experiments."""
     d = experiments_dir()
     return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
 
@@ -50,6 +53,7 @@ def find_spec(name: str) -> Path:
 
 
 def default_out(name: str, preset: str | None) -> Path:
+    """Where ``tprop reproduce`` puts experiment ``name`` under ``preset``."""
     stem = Path(name).stem
     return Path("runs") / "reproduce" / (f"{stem}-{preset}" if preset else stem)
 
@@ -71,4 +75,4 @@ def reproduce(name: str, preset: str | None = "cpu", out: str | os.PathLike | No
                        threads=threads, echo=echo, verbose=verbose, dry_run=dry_run)
     if dry_run:
         return result, None
-    return result, write_report(out)
+    return result, write_report(out, echo=echo)
