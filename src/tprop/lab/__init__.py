@@ -7,6 +7,6 @@ table), :mod:`~tprop.lab.expand` (its runs), :mod:`~tprop.lab.runner` (one run),
 :mod:`~tprop.lab.pool` (worker processes), :mod:`~tprop.lab.sweep` (the whole sweep).
 Reports: :mod:`~tprop.lab.runs` (reading run directories), :mod:`~tprop.lab.tables`,
 :mod:`~tprop.lab.plots`, :mod:`~tprop.lab.long_range`, :mod:`~tprop.lab.report` (the
-sections of ``report.md``). :mod:`~tprop.lab.experiments`: ``tprop reproduce``;
-:mod:`~tprop.lab.cli`: the commands.
+sections of ``report.md``). :mod:`~tprop.lab.experiments`: ``tprop reproduce``. Their
+commands are parsed by ``tprop.cli``.
 """
