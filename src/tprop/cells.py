@@ -201,7 +201,7 @@ class _DiagonalRNN(nn.Module):
         jac = None
         for t in range(u.shape[0]):
             state, j = self.step_jacobian_from(layer, u[t], state)
-            jac = j if jac is None else (j * jac if not self.pair_state else j @ jac)
+            jac = j if jac is None else (j * jac if not self.pair_state else jac @ j)
         if jac is None:  # no steps: the identity
             h = state[0]
             if not self.pair_state:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -179,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             q.add_argument("--json", action="store_true", help="print one JSON object")
     add_synth_args(dsub)
+    a = sub.add_parser("analyse", help="analyses of a trained run's dynamics",
+                       description="Measure properties of a trained model's recurrence.")
+    asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS")
+    asub.required = True
+    ly = asub.add_parser("lyapunov", help="the largest Lyapunov exponent of the recurrence",
+                         description="The largest Lyapunov exponent (per step) of the trained "
+                         "cell driven by a split of its corpus, and the Jacobi sweeps it "
+                         "predicts for the exact parallel recurrence (docs/parallel_time.md).")
+    ly.add_argument("run_dir", metavar="RUN_DIR")
+    ly.add_argument("--split", choices=SPLITS, default="valid")
+    ly.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    ly.add_argument("--columns", type=_positive_int, default=4, metavar="B",
+                    help="independent stream columns averaged (default 4)")
+    ly.add_argument("--steps", type=_positive_int, default=2000, metavar="T",
+                    help="steps measured per column (default 2000)")
+    ly.add_argument("--burn-in", type=_positive_int, default=100, metavar="N",
+                    help="steps run first to forget the zero state (default 100)")
+    ly.add_argument("--block-size", type=_positive_int, default=None, metavar="K",
+                    help="also predict the Jacobi sweeps for blocks of K (default: the run's)")
+    ly.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    ly.add_argument("--data-dir", metavar="DIR", help="where the corpus lies (default: as the run)")
+    ly.add_argument("--json", action="store_true", help="print one JSON object")
     add_lab_commands(sub)
     return p
 
@@ -290,6 +313,34 @@ def _eval_recurrence(args: argparse.Namespace) -> tuple[Any, int | None]:
 
     fields = {k: v for k, v in given.items() if k != "block_size"}
     return RecurrenceSettings(**fields), given["block_size"]
+
+
+def cmd_analyse(args: argparse.Namespace) -> int:
+    from .analyse import lyapunov, sweeps_needed
+    from .inference import load_run
+
+    run = load_run(args.run_dir, args.checkpoint, device=args.device, data_dir=args.data_dir)
+    data = run.corpus.split(args.split)
+    try:
+        out = lyapunov(run.model, data, args.columns, args.steps, args.burn_in)
+    except ValueError as e:
+        raise ConfigError(f"--steps: {e}") from None
+    cfg = run.cfg
+    k = args.block_size or cfg.block_size or cfg.bptt
+    blocks = max(1, math.ceil(cfg.bptt / k))
+    out.update(run=str(args.run_dir), checkpoint=args.checkpoint, split=args.split,
+               block_size=k, window=cfg.bptt,
+               per_block=out["lyapunov"] * k,
+               predicted_sweeps=sweeps_needed(out["lyapunov"], k, blocks, cfg.rec_tol))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"largest Lyapunov exponent {out['lyapunov']:+.4f} per step "
+              f"(± {out['lyapunov_std']:.4f} over {args.columns} columns, {args.steps} steps "
+              f"of {args.split}); {out['per_block']:+.3f} per block of {k}: Jacobi needs "
+              f"about {out['predicted_sweeps']} of {blocks - 1} sweeps for a window of "
+              f"{cfg.bptt} to --rec-tol {cfg.rec_tol:g}")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -439,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "data":
             return cmd_data(args, parser)
+        if args.command == "analyse":
+            return cmd_analyse(args)
         return run_lab_command(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
