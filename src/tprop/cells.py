@@ -168,7 +168,7 @@ class _DiagonalRNN(nn.Module):
         """One step of a layer from its projected input ``u`` ``(N, G·H)``: the next state."""
         raise NotImplementedError
 
-    def step_jacobian_from(self, layer: int, u: torch.Tensor, state: LayerState
+    def step_with_jacobian(self, layer: int, u: torch.Tensor, state: LayerState
                            ) -> tuple[LayerState, torch.Tensor]:
         """:meth:`step` and the step Jacobian (``(N, H)`` or ``(N, H, 2, 2)``)."""
         raise NotImplementedError
@@ -176,7 +176,7 @@ class _DiagonalRNN(nn.Module):
     def step_jacobian(self, layer: int, x: torch.Tensor, state: LayerState) -> torch.Tensor:
         """The step Jacobian of a layer at input ``x`` ``(N, E_l)`` and previous state:
         ``∂h'/∂h`` ``(N, H)`` (GRU) or the 2×2 blocks ``(N, H, 2, 2)`` over ``(h, c)`` (LSTM)."""
-        return self.step_jacobian_from(layer, self.project(layer, x), state)[1]
+        return self.step_with_jacobian(layer, self.project(layer, x), state)[1]
 
     def layer_forward(self, layer: int, x: torch.Tensor, state: LayerState
                       ) -> tuple[torch.Tensor, LayerState]:
@@ -200,8 +200,8 @@ class _DiagonalRNN(nn.Module):
         u = self.project(layer, x)
         jac = None
         for t in range(u.shape[0]):
-            state, j = self.step_jacobian_from(layer, u[t], state)
-            jac = j if jac is None else (j * jac if not self.pair_state else jac @ j)
+            state, j = self.step_with_jacobian(layer, u[t], state)
+            jac = j if jac is None else (j * jac if not self.pair_state else j @ jac)
         if jac is None:  # no steps: the identity
             h = state[0]
             if not self.pair_state:
@@ -217,6 +217,8 @@ class _DiagonalRNN(nn.Module):
         if hx is None:
             zero = like.new_zeros(shape)
             hx = (zero, zero) if self.pair_state else zero
+        if self.pair_state and not isinstance(hx, tuple | list):
+            raise ValueError(f"expected the state as a pair (h, c) of tensors of shape {shape}")
         parts = tuple(hx) if self.pair_state else (hx,)
         if len(parts) != (2 if self.pair_state else 1) or any(
                 not isinstance(p, torch.Tensor) or tuple(p.shape) != shape for p in parts):
@@ -264,7 +266,7 @@ class DiagGRU(_DiagonalRNN):
         _, _, a, b_hn = self.layer_parameters(layer)
         return (gru_step(u, state[0], a, b_hn),)
 
-    def step_jacobian_from(self, layer: int, u: torch.Tensor, state: LayerState
+    def step_with_jacobian(self, layer: int, u: torch.Tensor, state: LayerState
                            ) -> tuple[LayerState, torch.Tensor]:
         _, _, a, b_hn = self.layer_parameters(layer)
         h2, jac = gru_step_jacobian(u, state[0], a, b_hn)
@@ -284,7 +286,7 @@ class DiagLSTM(_DiagonalRNN):
         a = self.layer_parameters(layer)[2]
         return lstm_step(u, state[0], state[1], a)
 
-    def step_jacobian_from(self, layer: int, u: torch.Tensor, state: LayerState
+    def step_with_jacobian(self, layer: int, u: torch.Tensor, state: LayerState
                            ) -> tuple[LayerState, torch.Tensor]:
         a = self.layer_parameters(layer)[2]
         h2, c2, jac = lstm_step_jacobian(u, state[0], state[1], a)
