@@ -168,7 +168,8 @@ class TrainConfig:
                                 group="recurrence", metavar="K", methods=("bptt",),
                                 label="block", show_default=False)
     rec_tol: float = _f(1e-5, "converged when every residual |F_j(s_j) - s_(j+1)| is at most "
-                        "this (forward), and the adjoint's change at most this times its size",
+                        "this times max(1, |s_(j+1)|) (forward), and the adjoint's change at "
+                        "most this times its size",
                         kind="float", lo=0, group="recurrence", methods=("bptt",),
                         label="tol", view=("recurrence",))
     rec_max_iters: int | None = _f(None, "most sweeps / Newton iterations per window, each way "

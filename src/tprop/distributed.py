@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -173,7 +173,7 @@ class DistComm(LocalComm):
         return DistributedDataParallel(model, device_ids=ids)
 
     def no_sync(self, module: torch.nn.Module) -> Any:
-        return module.no_sync()
+        return module.no_sync() if hasattr(module, "no_sync") else nullcontext()
 
     @contextmanager
     def guard(self, where: Callable[[], tuple[str | None, int]]) -> Iterator[None]:

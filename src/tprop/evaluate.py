@@ -30,35 +30,49 @@ def evaluate(model: RNNLM, data: torch.Tensor, batch_size: int = 10,
     ranks, each runs a contiguous group of the columns and the summed cross entropy is
     all-reduced: every rank gets the same value. ``recurrence`` (``RecurrenceSettings``, not
     sequential) solves each stretch of the columns in blocks of ``block_size`` with the exact
-    parallel recurrence instead: the same value to the solver's tolerance.
+    parallel recurrence instead: the same value to the solver's tolerance; on several ranks
+    each stretch's blocks are then sharded along time.
     """
     cols = StreamColumns(data, batch_size)
-    c0, c1 = split(batch_size, comm.world)[comm.rank]
     total = torch.zeros((), dtype=torch.float64, device=data.device)
-    step = _stepper(model, recurrence, block_size)
-    if c1 > c0:
-        with eval_mode(model):
-            state = model.init_state(c1 - c0)
-            if recurrence is not None:
-                state = model.flatten_state(state)
-            for x, y in cols.windows(eval_chunk_len(batch_size, model.ntoken), drop_last=False):
-                logits, state = step(x[:, c0:c1], state)
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                         y[:, c0:c1].reshape(-1), reduction="sum").double()
+    chunk = eval_chunk_len(batch_size, model.ntoken)
+    with eval_mode(model):
+        if recurrence is not None:
+            total += _exact_total(model, cols, chunk, comm, recurrence, block_size)
+        else:
+            c0, c1 = split(batch_size, comm.world)[comm.rank]
+            if c1 > c0:
+                state = model.init_state(c1 - c0)
+                for x, y in cols.windows(chunk, drop_last=False):
+                    logits, state = model(x[:, c0:c1], state)
+                    total += _summed_ce(logits, y[:, c0:c1])
     return float(comm.sum([float(total)], kind="eval")[0]) / cols.num_tokens, cols.num_tokens
 
 
-def _stepper(model: RNNLM, recurrence: Any, block_size: int | None) -> Any:
-    """``(inputs, state) -> (logits, state)``: the model, or the exact parallel recurrence."""
-    if recurrence is None:
-        return model
-    from .recurrence import RecurrenceStats, parallel_recur
+def _summed_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction="sum").double()
 
-    def step(x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, state = parallel_recur(model, x, state, recurrence, block_size, RecurrenceStats())
-        return model.decode(out), state
 
-    return step
+def _exact_total(model: RNNLM, cols: StreamColumns, chunk: int, comm: LocalComm,
+                 recurrence: Any, k: int) -> torch.Tensor:
+    """This rank's summed cross entropy with the exact recurrence: every column, this rank's
+    blocks of each stretch (a stretch with fewer blocks than ranks: rank 0 alone counts it)."""
+    from .recurrence import RecurrenceStats, parallel_recur, time_shard
+
+    total = torch.zeros((), dtype=torch.float64, device=cols.inputs.device)
+    state = model.flatten_state(model.init_state(cols.batch_size))
+    for x, y in cols.windows(chunk, drop_last=False):
+        blocks = math.ceil(x.shape[0] / k)
+        shard, a, e = None, 0, x.shape[0]
+        if comm.world > 1 and blocks >= comm.world:
+            shard = time_shard(comm, blocks)
+            a, e = shard.first * k, min(x.shape[0], (shard.first + shard.count) * k)
+        out, state = parallel_recur(model, x[a:e], state, recurrence, k, RecurrenceStats(),
+                                    shard=shard)
+        if shard is not None or comm.is_main:
+            total += _summed_ce(model.decode(out), y[a:e])
+    return total
 
 
 def perplexity(loss: float) -> float:

@@ -33,9 +33,11 @@ import torch
 import torch.nn as nn
 from torch import _VF
 
+from .comm import LOCAL
 from .config import view_class
+from .errors import ConfigError
 from .models import frozen
-from .scan import linear_scan
+from .scan import apply_prefix, linear_scan, prefix_pairs
 
 RecurrenceSettings = view_class(
     "recurrence", "RecurrenceSettings", "How the exact parallel recurrence runs (the "
@@ -204,6 +206,97 @@ class Layout:
         return out if tail is None else torch.cat([out, tail], 0)
 
 
+# ============================================================================ time shards
+@dataclass(frozen=True)
+class Shard:
+    """This rank's run of a window's blocks: blocks ``[first, first + count)`` of ``total``,
+    every rank holding at least one (``time_shard``); ``comm`` exchanges with the neighbours.
+    One process holds them all."""
+
+    comm: Any
+    first: int
+    count: int
+    total: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.first == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.first + self.count == self.total
+
+    @property
+    def left(self) -> int | None:
+        return None if self.is_first else self.comm.rank - 1
+
+    @property
+    def right(self) -> int | None:
+        return None if self.is_last else self.comm.rank + 1
+
+    def shift_right(self, send: torch.Tensor | None, like: torch.Tensor,
+                    receive: bool = True) -> torch.Tensor | None:
+        """Send ``send`` (this shard's last value; None: nothing) right, and receive the left
+        neighbour's (a tensor shaped as ``like``) unless ``receive`` is off."""
+        return self._shift(send, self.right, self.left if receive else None, like)
+
+    def shift_left(self, send: torch.Tensor | None, like: torch.Tensor,
+                   receive: bool = True) -> torch.Tensor | None:
+        """Send ``send`` (this shard's first value) left; receive the right neighbour's."""
+        return self._shift(send, self.left, self.right if receive else None, like)
+
+    def _shift(self, send: torch.Tensor | None, to: int | None, source: int | None,
+               like: torch.Tensor) -> torch.Tensor | None:
+        if self.comm.world == 1:
+            return None
+        to = to if send is not None else None
+        return self.comm.shift(send if to is not None else None, to, source, like,
+                               kind="boundary")
+
+    def max(self, value: float) -> float:
+        return self.comm.max(value) if self.comm.world > 1 else value
+
+
+def time_shard(comm: Any, blocks: int) -> Shard:
+    """The shard of ``blocks`` blocks this rank owns (contiguous, the first ranks one more)."""
+    from .comm import split
+
+    if blocks < comm.world:
+        raise ConfigError(f"--recurrence on {comm.world} ranks needs at least {comm.world} "
+                          f"blocks per window (this one has {blocks}): use a smaller "
+                          "--block-size or fewer ranks")
+    a, b = split(blocks, comm.world)[comm.rank]
+    return Shard(comm, a, b - a, blocks)
+
+
+def sharded_scan(c: torch.Tensor, b: torch.Tensor, structure: str, shard: Shard,
+                 reverse: bool = False, transpose: bool = False) -> torch.Tensor:
+    """:func:`solve_linear` along dim 0 of a sequence split over the ranks of ``shard`` (this
+    rank's part): a local scan, one all-gather of every rank's composed summary, a local
+    finish."""
+    if shard.comm.world == 1:
+        return solve_linear(c, b, structure, reverse, transpose)
+    if structure == "block2":
+        b = pairs(b)
+    if transpose and c.shape != b.shape:
+        c = c.transpose(-1, -2)
+    if reverse:
+        c, b = c.flip(0), b.flip(0)
+    p, q = prefix_pairs(c, b)
+    summaries = list(zip(shard.comm.all_gather(p[-1].contiguous(), "scan"),
+                         shard.comm.all_gather(q[-1].contiguous(), "scan")))
+    order = range(shard.comm.world - 1, shard.comm.rank, -1) if reverse else \
+        range(shard.comm.rank)
+    x_in = None
+    for r in order:  # the ranks before this one, in the scan's direction
+        x_in = apply_prefix(summaries[r][0].unsqueeze(0), summaries[r][1].unsqueeze(0),
+                            x_in)[0] if x_in is not None else summaries[r][1]
+    x = apply_prefix(p, q, x_in)
+    if reverse:
+        x = x.flip(0)
+    return unpairs(x) if structure == "block2" else x
+
+
 # ============================================================================ forward solve
 def _limit(settings: Any, blocks: int) -> int:
     """Forward evaluations allowed: as set, else enough to be exact (M−1 sweeps; Newton's
@@ -213,10 +306,12 @@ def _limit(settings: Any, blocks: int) -> int:
     return max(1, blocks - 1) + (1 if settings.recurrence != "jacobi" else 0)
 
 
-def _coefficients(jac: torch.Tensor, settings: Any, structure: str) -> torch.Tensor:
-    quasi = settings.recurrence == "quasi-newton" and structure == "dense"
-    c = jac.diagonal(dim1=-2, dim2=-1) if quasi else jac
-    return c / (1.0 + settings.rec_lm) if settings.rec_lm > 0 else c
+def _coefficients(jac: torch.Tensor, settings: Any, structure: str) -> tuple[torch.Tensor, str]:
+    """The coefficients the scan uses and their structure (quasi-Newton: the diagonal of a
+    dense Jacobian; Levenberg–Marquardt-style: divided by 1 + μ)."""
+    if settings.recurrence == "quasi-newton" and structure == "dense":
+        jac, structure = jac.diagonal(dim1=-2, dim2=-1), "diag"
+    return (jac / (1.0 + settings.rec_lm) if settings.rec_lm > 0 else jac), structure
 
 
 def pairs(v: torch.Tensor) -> torch.Tensor:
@@ -240,50 +335,104 @@ def solve_linear(c: torch.Tensor, b: torch.Tensor, structure: str, reverse: bool
     return linear_scan(c, b, reverse=reverse, transpose=transpose)
 
 
+class _Evaluation:
+    """The blocks' final states (and Jacobians) at given entering states, with what arrives
+    from the left neighbour: the candidate entering states and the residuals."""
+
+    def __init__(self, unit: Any, head: torch.Tensor, enter: torch.Tensor, s0: torch.Tensor,
+                 shard: Shard, jacobians: bool, chunk: int) -> None:
+        count, b = enter.shape[:2]
+        nf = count - (1 if shard.is_last else 0)  # the global last block's final is unused
+        flat = enter[:nf].reshape(nf * b, enter.shape[-1])
+        inp = head[:, : nf * b]
+        self.jac = None
+        if nf == 0:  # the last rank holding one block: nothing to evaluate
+            fin = enter.new_zeros(0, enter.shape[-1])
+        elif jacobians:
+            fin, jac = unit.jacobian(inp, flat, chunk)
+            self.jac = jac.view(nf, b, *jac.shape[1:])
+        else:
+            fin = unit.run(inp, flat)[1]
+        self.finals = fin.view(nf, b, enter.shape[-1])
+        left = shard.shift_right(self.finals[-1] if nf else None, s0)
+        self.left_jac = None
+        if jacobians and shard.comm.world > 1:
+            like = torch.zeros_like(self.jac[0]) if self.jac is not None else None
+            if like is None:  # the last rank with one block evaluates none; shape from unit
+                like = _jac_like(unit, s0)
+            self.left_jac = shard.shift_right(self.jac[-1] if nf else None, like)
+        first = s0 if shard.is_first else left
+        self.candidate = torch.cat([first.unsqueeze(0), self.finals[: count - 1]], 0)
+        self.residual = self.candidate - enter
+        self.max_residual = shard.max(scaled_residual(self.residual, enter))
+
+    def coefficients(self, shard: Shard) -> torch.Tensor:
+        """The Jacobian multiplying each local unknown's predecessor (zero for s_0)."""
+        count = self.residual.shape[0]
+        first = (torch.zeros_like(self.jac[0] if self.jac is not None else self.left_jac)
+                 if shard.is_first else self.left_jac)
+        rest = self.jac[: count - 1] if self.jac is not None else first.unsqueeze(0)[:0]
+        return torch.cat([first.unsqueeze(0), rest], 0)
+
+
+def scaled_residual(r: torch.Tensor, s: torch.Tensor) -> float:
+    """``max |r| / max(1, |s|)`` elementwise: the absolute residual for states of size up to
+    1, relative beyond (an LSTM's cell state may be large, and float32 rounds it relatively)."""
+    return float((r.abs() / s.abs().clamp_min(1.0)).max()) if r.numel() else 0.0
+
+
+def _jac_like(unit: Any, s0: torch.Tensor) -> torch.Tensor:
+    """A zero Jacobian of one block's batch in the unit's structure."""
+    b, d = s0.shape
+    if unit.structure == "diag":
+        return s0.new_zeros(b, d)
+    if unit.structure == "block2":
+        return s0.new_zeros(b, d // 2, 2, 2)
+    return s0.new_zeros(b, d, d)
+
+
 def solve_states(unit: Any, head: torch.Tensor, s0: torch.Tensor, guess: torch.Tensor,
-                 lay: Layout, settings: Any) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """The unknown entering states ``(M−1, B, D)`` by Jacobi or Newton from ``guess``: the
-    states, the evaluations made, and the Jacobians at the returned states (Newton, when the
-    last evaluation was at them; else None)."""
-    m1, b = lay.blocks - 1, lay.batch
-    inp = head[:, : m1 * b]  # blocks 0 … M−2 (all full: only the last block may be short)
-    s = guess.clone()
+                 shard: Shard, settings: Any) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """This shard's entering states ``(count, B, D)`` (the first rank's first is ``s0``) by
+    Jacobi or Newton from ``guess``: the states, the evaluations made, and the local blocks'
+    Jacobians at (or, after a last step, one converged step from) the states (Newton)."""
+    enter = guess.clone()
+    if shard.is_first:
+        enter[0] = s0
     omega, tol = settings.rec_damping, settings.rec_tol
     newton = settings.recurrence != "jacobi"
-    chunk = settings.jacobian_chunk or default_jacobian_chunk(unit, lay.k)
+    chunk = settings.jacobian_chunk or default_jacobian_chunk(unit, head.shape[0])
+    limit = _limit(settings, shard.total)
     jac = None
-    limit = _limit(settings, lay.blocks)
     for it in range(1, limit + 1):
-        enter = torch.cat([s0.unsqueeze(0), s[:-1]], 0).reshape(m1 * b, -1)
+        ev = _Evaluation(unit, head, enter, s0, shard, newton, chunk)
         if newton:
-            fin, jac = unit.jacobian(inp, enter, chunk)
-            jac = jac.view(m1, b, *jac.shape[1:])
+            coeff, structure = _coefficients(ev.coefficients(shard), settings, unit.structure)
+            step = sharded_scan(coeff, ev.residual, structure, shard)
+            jac = ev.jac
         else:
-            fin = unit.run(inp, enter)[1]
-        r = fin.view(m1, b, -1) - s
-        if float(r.abs().max()) <= tol:
-            if not newton:
-                s = s + r if omega == 1 else s + omega * r
-            return s, it, jac
-        if newton:
-            step = solve_linear(_coefficients(jac, settings, unit.structure), r,
-                                "diag" if settings.recurrence == "quasi-newton"
-                                and unit.structure == "dense" else unit.structure)
-            s = s + (step if omega == 1 else omega * step)
-            jac = None  # the states moved: the Jacobians are no longer theirs
-        else:
-            s = s + r if omega == 1 else s + omega * r
-    return s, limit, jac
+            step = ev.residual
+        enter = enter + (step if omega == 1 else omega * step)
+        if ev.max_residual <= tol:
+            return enter, it, jac
+    return enter, limit, jac
 
 
 @torch.no_grad()
-def sequential_states(unit: Any, head: torch.Tensor, s0: torch.Tensor, lay: Layout
+def sequential_states(unit: Any, head: torch.Tensor, s0: torch.Tensor, shard: Shard
                       ) -> torch.Tensor:
-    """The entering states by running the blocks one after another (the exact fallback)."""
-    b, out, s = lay.batch, [], s0
-    for j in range(lay.blocks - 1):
+    """The entering states by running the blocks one after another, rank after rank (the
+    exact fallback)."""
+    count, b = shard.count, s0.shape[0]
+    s = s0 if shard.is_first else shard.shift_right(None, s0)
+    out = [s]
+    nf = count - (1 if shard.is_last else 0)
+    for j in range(nf):
         s = unit.run(head[:, j * b:(j + 1) * b], s)[1]
-        out.append(s)
+        if j + 1 < count:
+            out.append(s)
+    if not shard.is_last:
+        shard.shift_right(s, s0, receive=False)
     return torch.stack(out, 0)
 
 
@@ -291,55 +440,78 @@ def sequential_states(unit: Any, head: torch.Tensor, s0: torch.Tensor, lay: Layo
 class _Window:
     """Everything one solve shares between its forward and backward passes."""
 
-    def __init__(self, unit: Any, lay: Layout, settings: Any, record: SolveRecord) -> None:
+    def __init__(self, unit: Any, lay: Layout, settings: Any, record: SolveRecord,
+                 shard: Shard) -> None:
         self.unit, self.lay, self.settings, self.record = unit, lay, settings, record
-        self.jac: torch.Tensor | None = None  # Newton's Jacobians at the solution, if made
+        self.shard = shard
+        self.jac: torch.Tensor | None = None  # Newton's Jacobians of the local blocks
         self.head: torch.Tensor | None = None  # the inputs' full blocks (detached)
-        self.states: torch.Tensor | None = None  # the solved entering states (M−1, B, D)
+        self.states: torch.Tensor | None = None  # the solved entering states (count, B, D)
 
-    def final_pass(self, inputs: torch.Tensor, s0: torch.Tensor, states: torch.Tensor
+    def final_pass(self, inputs: torch.Tensor, states: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All blocks from their entering states (as leaves): ``(outputs (T, B, H), finals
-        (M, B, D), entering leaf (M, B, D), inputs leaf)``, with autograd history when grad
-        is enabled."""
+        """All local blocks from their entering states (as leaves): ``(outputs (T, B, H),
+        finals (count, B, D), entering leaf (count, B, D), inputs leaf)``, with autograd
+        history when grad is enabled."""
         lay, b = self.lay, self.lay.batch
         grad = torch.is_grad_enabled()
-        enter = torch.cat([s0.unsqueeze(0), states], 0).detach().requires_grad_(grad)
+        enter = states.detach().requires_grad_(grad)
         x = inputs.detach().requires_grad_(grad and inputs.requires_grad)
         head, tail = lay.split(x)
-        out_h, fin_h = self.unit.run(head, enter[: lay.full].reshape(lay.full * b, -1))
-        finals = fin_h.view(lay.full, b, -1)
+        d = enter.shape[-1]
+        if lay.full:
+            out_h, fin_h = self.unit.run(head, enter[: lay.full].reshape(lay.full * b, d))
+            finals = fin_h.view(lay.full, b, d)
+        else:  # a shard of the short last block alone
+            out_h, finals = head.new_zeros(lay.k, 0, self.unit.nhid), enter[:0]
         out_t = None
         if tail is not None:
             out_t, fin_t = self.unit.run(tail, enter[lay.full])
             finals = torch.cat([finals, fin_t.unsqueeze(0)], 0)
         return lay.join(out_h, out_t), finals, enter, x
 
+    def final_residual(self, finals: torch.Tensor, enter: torch.Tensor, s0: torch.Tensor
+                       ) -> float:
+        left = self.shard.shift_right(finals[-1].detach(), s0)
+        first = s0 if self.shard.is_first else left
+        cand = torch.cat([first.unsqueeze(0), finals[:-1].detach()], 0)
+        return self.shard.max(scaled_residual(cand - enter.detach(), enter.detach()))
+
     def solve(self, inputs: torch.Tensor, s0: torch.Tensor, guess: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Solve for the entering states, then the final pass (see :meth:`final_pass`); a
         window whose final residual exceeds the tolerance is handled as ``on_unconverged``
         says."""
-        lay, st, rec = self.lay, self.settings, self.record
-        self.head = lay.split(inputs.detach())[0]
+        st, rec, shard = self.settings, self.record, self.shard
+        self.head = self.lay.split(inputs.detach())[0]
+        s0 = s0.detach()
         with torch.no_grad():
-            states, rec.fwd_iters, self.jac = solve_states(self.unit, self.head, s0.detach(),
-                                                           guess, lay, st)
-        out, finals, enter, x = self.final_pass(inputs, s0, states)
-        rec.fwd_residual = float((finals[:-1].detach() - states).abs().max())
+            states, rec.fwd_iters, self.jac = solve_states(self.unit, self.head, s0, guess,
+                                                           shard, st)
+        out, finals, enter, x = self.final_pass(inputs, states)
+        rec.fwd_residual = self.final_residual(finals, enter, s0)
         if rec.fwd_residual > st.rec_tol and st.on_unconverged != "continue":
             if st.on_unconverged == "error":
                 raise Unconverged(_unconverged("forward", rec, st))
-            states = sequential_states(self.unit, self.head, s0.detach(), lay)
+            states = sequential_states(self.unit, self.head, s0, shard)
             rec.fwd_fallback, self.jac = True, None
-            out, finals, enter, x = self.final_pass(inputs, s0, states)
+            out, finals, enter, x = self.final_pass(inputs, states)
         self.states = states
         return out, finals, enter, x
+
+    def carried(self, finals: torch.Tensor) -> torch.Tensor:
+        """The state after the window's last block (on the last rank), on every rank."""
+        last = finals[-1].detach()
+        if self.shard.comm.world == 1:
+            return last
+        buf = last.clone() if self.shard.is_last else torch.zeros_like(last)
+        return self.shard.comm.broadcast_(buf, src=self.shard.comm.world - 1, kind="carried")
 
 
 class ExactRecurrence(torch.autograd.Function):
     """``(inputs (T, B, E), s0 (B, D), *params) -> (outputs (T, B, H), final (B, D))`` of one
-    unit over one window, solved in parallel; the backward solves the adjoint."""
+    unit over one window (this rank's blocks of it), solved in parallel; the backward solves
+    the adjoint."""
 
     @staticmethod
     def forward(ctx: Any, window: _Window, guess: torch.Tensor, inputs: torch.Tensor,
@@ -347,7 +519,7 @@ class ExactRecurrence(torch.autograd.Function):
         with torch.enable_grad():
             out, finals, enter, x = window.solve(inputs, s0, guess)
         ctx.window, ctx.graph = window, (out, finals, enter, x, params)
-        return out.detach(), finals[-1].detach()
+        return out.detach(), window.carried(finals)
 
     @staticmethod
     def backward(ctx: Any, d_out: torch.Tensor, d_final: torch.Tensor) -> tuple[Any, ...]:
@@ -368,14 +540,36 @@ def _unconverged(way: str, rec: SolveRecord, st: Any) -> str:
 
 
 # ============================================================================ adjoint
-def _vjp_finals(finals: torch.Tensor, enter: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``A_jᵀ a_{j+1}`` for j = 1 … M−2: the cotangent a_{j+1} on block j's final state,
-    pulled back to its entering state (zero for the last unknown)."""
-    m = finals.shape[0]
-    if m < 3:
-        return torch.zeros_like(a)
-    (v,) = torch.autograd.grad(finals[1:m - 1], enter, a[1:], retain_graph=True)
-    return torch.cat([v[1:m - 1], torch.zeros_like(a[-1:])], 0)
+class _Adjoint:
+    """The adjoint recurrence of one window's shard: ``a_j = g_j + A_jᵀ a_{j+1}`` over the
+    local entering states (the right neighbour's first ``a`` arriving for the last)."""
+
+    def __init__(self, window: _Window, finals: torch.Tensor, enter: torch.Tensor,
+                 g: torch.Tensor) -> None:
+        self.window, self.finals, self.enter, self.g = window, finals, enter, g
+        self.shard = window.shard
+        self.nf = finals.shape[0] - (1 if self.shard.is_last else 0)
+
+    def cotangents(self, a: torch.Tensor) -> torch.Tensor:
+        """The cotangent on each evaluated block's final state: the next state's adjoint."""
+        right = self.shard.shift_left(a[0], a[0])
+        nxt = a[1:]
+        if right is not None:
+            nxt = torch.cat([nxt, right.unsqueeze(0)], 0)
+        return nxt[: self.nf]
+
+    def pull_back(self, a: torch.Tensor) -> torch.Tensor:
+        """``A_jᵀ a_{j+1}`` for every local entering state (zero where no block follows)."""
+        cot = self.cotangents(a)
+        if self.nf == 0:
+            return torch.zeros_like(a)
+        (v,) = torch.autograd.grad(self.finals[: self.nf], self.enter, cot, retain_graph=True)
+        return v
+
+    def change(self, new: torch.Tensor, old: torch.Tensor) -> float:
+        scale = self.shard.max(float(new.abs().max()))
+        diff = self.shard.max(float((new - old).abs().max()))
+        return diff / scale if scale > 0 else 0.0
 
 
 def adjoint_backward(window: _Window, out: torch.Tensor, finals: torch.Tensor,
@@ -383,14 +577,14 @@ def adjoint_backward(window: _Window, out: torch.Tensor, finals: torch.Tensor,
                      d_out: torch.Tensor) -> tuple[Any, ...]:
     """Gradients of ``<d_out, outputs>`` (through the exact recurrence) with respect to the
     inputs, the carried state (None: detached) and the parameters."""
-    m = finals.shape[0]
-    if m > 1:
-        (g_all,) = torch.autograd.grad(out, enter, d_out, retain_graph=True)
-        a = solve_adjoint(window, finals, enter, g_all[1:])
-        cot_f = torch.cat([a, torch.zeros_like(a[:1])], 0)  # a_{j+1} on F_j; none on F_{M−1}
-        tensors, cots = [out, finals], [d_out, cot_f]
-    else:
-        tensors, cots = [out], [d_out]
+    (g,) = torch.autograd.grad(out, enter, d_out, retain_graph=True)
+    adj = _Adjoint(window, finals, enter, g)
+    tensors, cots = [out], [d_out]
+    if window.shard.total > 1:
+        a = solve_adjoint(adj)
+        cot_f = adj.cotangents(a)
+        if adj.nf:
+            tensors, cots = [out, finals[: adj.nf]], [d_out, cot_f]
     wrt = ([x] if x.requires_grad else []) + [p for p in params if p.requires_grad]
     got = list(torch.autograd.grad(tensors, wrt, cots, allow_unused=True))
     d_x = got.pop(0) if x.requires_grad else None
@@ -398,79 +592,98 @@ def adjoint_backward(window: _Window, out: torch.Tensor, finals: torch.Tensor,
     return (d_x, None, *d_params)
 
 
-def solve_adjoint(window: _Window, finals: torch.Tensor, enter: torch.Tensor,
-                  g: torch.Tensor) -> torch.Tensor:
-    """``a_j = g_j + A_jᵀ a_{j+1}`` for the unknowns j = 1 … M−1 (``g`` ``(M−1, B, D)``)."""
-    st, rec = window.settings, window.record
-    credit = st.credit_blocks
+def solve_adjoint(adj: _Adjoint) -> torch.Tensor:
+    """The adjoint of every local entering state, as the credit horizon and the solver say."""
+    st, rec = adj.window.settings, adj.window.record
+    credit, g = st.credit_blocks, adj.g
     if credit != "all":
         a = torch.zeros_like(g) if credit < 0 else g
         for _ in range(max(0, credit)):
-            a = g + _vjp_finals(finals, enter, a)
+            a = g + adj.pull_back(a)
         rec.adj_iters = max(0, credit)
         return a
     exact_jacobians = st.recurrence == "newton" or (
-        st.recurrence == "quasi-newton" and window.unit.structure != "dense")
-    if exact_jacobians:
-        return _adjoint_scan(window, finals, enter, g)
-    return _adjoint_sweeps(window, finals, enter, g)
+        st.recurrence == "quasi-newton" and adj.window.unit.structure != "dense")
+    return _adjoint_scan(adj) if exact_jacobians else _adjoint_sweeps(adj)
 
 
-def _adjoint_sweeps(window: _Window, finals: torch.Tensor, enter: torch.Tensor,
-                    g: torch.Tensor) -> torch.Tensor:
-    st, rec = window.settings, window.record
-    m1 = g.shape[0]
-    limit = st.rec_max_iters if st.rec_max_iters is not None else max(0, m1 - 1)
-    a, change, sweeps = g, 0.0, 0
+def _adjoint_limit(st: Any, total: int) -> int:
+    return st.rec_max_iters if st.rec_max_iters is not None else max(0, total - 2)
+
+
+def _adjoint_sweeps(adj: _Adjoint) -> torch.Tensor:
+    """Jacobi sweeps of batched vector-Jacobian products (exact after M − 2)."""
+    st, rec = adj.window.settings, adj.window.record
+    limit = _adjoint_limit(st, adj.shard.total)
+    a, change, sweeps = adj.g, 0.0, 0
     while sweeps < limit:
-        new = g + _vjp_finals(finals, enter, a)
-        change = _relative_change(new, a)
+        new = adj.g + adj.pull_back(a)
+        change = adj.change(new, a)
         a, sweeps = new, sweeps + 1
         if change <= st.rec_tol:
             break
     rec.adj_iters, rec.adj_residual = sweeps, change
-    if limit < m1 - 1 and change > st.rec_tol:
-        if st.on_unconverged == "error":
-            raise Unconverged(_unconverged("adjoint", rec, st))
-        if st.on_unconverged == "sequential":
-            rec.adj_fallback = True
-            return _adjoint_sequential(finals, enter, g)
+    if limit < adj.shard.total - 2 and change > st.rec_tol:
+        return _adjoint_unconverged(adj, a)
     return a
 
 
-def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
-    scale = float(new.abs().max())
-    return float((new - old).abs().max()) / scale if scale > 0 else 0.0
+def _adjoint_unconverged(adj: _Adjoint, a: torch.Tensor) -> torch.Tensor:
+    st, rec = adj.window.settings, adj.window.record
+    if st.on_unconverged == "error":
+        raise Unconverged(_unconverged("adjoint", rec, st))
+    if st.on_unconverged == "sequential":
+        rec.adj_fallback = True
+        return _adjoint_sequential(adj)
+    return a
 
 
-def _adjoint_sequential(finals: torch.Tensor, enter: torch.Tensor, g: torch.Tensor
-                        ) -> torch.Tensor:
-    """The adjoint recurrence run backwards one block at a time (exact)."""
-    m1 = g.shape[0]
-    a = [None] * m1
-    a[-1] = g[-1]
-    for j in range(m1 - 2, -1, -1):  # unknown j+1 (0-based j): a = g + A_{j+1}ᵀ a_next
-        (v,) = torch.autograd.grad(finals[j + 1], enter, a[j + 1], retain_graph=True)
-        a[j] = g[j] + v[j + 1]
+def _adjoint_sequential(adj: _Adjoint) -> torch.Tensor:
+    """The adjoint recurrence run backwards one block at a time, rank after rank (exact)."""
+    g, finals, enter, nf = adj.g, adj.finals, adj.enter, adj.nf
+    count = g.shape[0]
+    a: list[torch.Tensor | None] = [None] * count
+    nxt = None if adj.shard.is_last else adj.shard.shift_left(None, g[0])
+    for j in range(count - 1, -1, -1):
+        if j < nf:
+            cot = nxt if j == count - 1 else a[j + 1]
+            (v,) = torch.autograd.grad(finals[j], enter, cot, retain_graph=True)
+            a[j] = g[j] + v[j]
+        else:
+            a[j] = g[j]
+    if not adj.shard.is_first:
+        adj.shard.shift_left(a[0], g[0], receive=False)
     return torch.stack(a, 0)
 
 
-def _adjoint_scan(window: _Window, finals: torch.Tensor, enter: torch.Tensor,
-                  g: torch.Tensor) -> torch.Tensor:
-    """The adjoint by one reverse scan with the block Jacobians ``A_jᵀ`` (Newton)."""
-    rec, lay, unit = window.record, window.lay, window.unit
-    m1, b = g.shape[0], lay.batch
+def _adjoint_scan(adj: _Adjoint) -> torch.Tensor:
+    """The adjoint by a reverse scan with the blocks' Jacobians ``A_jᵀ``, refined while its
+    residual (one vector-Jacobian sweep) is above the tolerance: exact at the Jacobians of
+    the solution, a few refinements when they are one small Newton step old."""
+    window, rec, st = adj.window, adj.window.record, adj.window.settings
+    unit, lay, b = window.unit, window.lay, window.lay.batch
     jac = window.jac
-    if jac is None:  # the last Newton step moved the states: Jacobians at the solution
-        enter_head = enter.detach()[:m1].reshape(m1 * b, -1)
-        chunk = window.settings.jacobian_chunk or default_jacobian_chunk(unit, lay.k)
+    if jac is None and adj.nf:  # no Jacobians of this solution: make them
+        chunk = st.jacobian_chunk or default_jacobian_chunk(unit, lay.k)
+        flat = adj.enter.detach()[: adj.nf].reshape(adj.nf * b, -1)
         with torch.no_grad():
-            jac = unit.jacobian(window.head[:, : m1 * b], enter_head, chunk)[1]
-        jac = jac.view(m1, b, *jac.shape[1:])
-    coeff = torch.cat([jac[1:], torch.zeros_like(jac[:1])], 0)  # A_j for j = 1 … M−1
-    a = solve_linear(coeff, g, unit.structure, reverse=True, transpose=True)
-    check = g + _vjp_finals(finals, enter, a)
-    rec.adj_iters, rec.adj_residual = 1, _relative_change(check, a)
+            jac = unit.jacobian(window.head[:, : adj.nf * b], flat, chunk)[1]
+        jac = jac.view(adj.nf, b, *jac.shape[1:])
+    like = jac[0] if jac is not None else _jac_like(unit, adj.g[0])
+    coeff = torch.zeros(adj.g.shape[0], *like.shape, dtype=like.dtype, device=like.device)
+    if adj.nf:
+        coeff[: adj.nf] = jac
+    a = sharded_scan(coeff, adj.g, unit.structure, adj.shard, reverse=True, transpose=True)
+    limit, passes = max(1, _adjoint_limit(st, adj.shard.total)), 1
+    while True:
+        res = adj.g + adj.pull_back(a) - a
+        rec.adj_residual = adj.change(a + res, a)
+        if rec.adj_residual <= st.rec_tol or passes >= limit:
+            break
+        a = a + sharded_scan(coeff, res, unit.structure, adj.shard, reverse=True,
+                             transpose=True)
+        passes += 1
+    rec.adj_iters = passes
     return a
 
 
@@ -510,34 +723,39 @@ def join_state(parts: list[torch.Tensor], nlayers: int, nhid: int, lstm: bool) -
 
 
 def run_unit(unit: Any, inputs: torch.Tensor, s0: torch.Tensor, k: int, settings: Any,
-             record: SolveRecord, guess: torch.Tensor | None
+             record: SolveRecord, guess: torch.Tensor | None, shard: Shard | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One unit over one window: ``(outputs (T, B, H), final state (B, D), the solved entering
-    states (M−1, B, D) or None)``, differentiable when grad is enabled."""
+    """One unit over one window (this rank's blocks of it, when ``shard`` says so):
+    ``(outputs (T, B, H), the window's final state (B, D), the solved entering states of the
+    local blocks (count, B, D) or None)``, differentiable when grad is enabled."""
     lay = Layout(inputs.shape[0], inputs.shape[1], min(k, inputs.shape[0]))
-    record.blocks = lay.blocks
-    if lay.blocks == 1:  # nothing to solve: one block is the sequential pass
+    shard = shard if shard is not None else Shard(LOCAL, 0, lay.blocks, lay.blocks)
+    record.blocks = shard.total
+    if shard.total == 1:  # nothing to solve: one block is the sequential pass
         out, fin = unit.run(inputs, s0)
         return out, fin, None
-    if guess is None or guess.shape != (lay.blocks - 1, lay.batch, unit.state_dim):
-        guess = s0.detach().new_zeros(lay.blocks - 1, lay.batch, unit.state_dim)
-    window = _Window(unit, lay, settings, record)
+    want = (shard.count, lay.batch, unit.state_dim)
+    if guess is None or guess.shape != want:
+        guess = s0.detach().new_zeros(want)
+    window = _Window(unit, lay, settings, record, shard)
     if not torch.is_grad_enabled():
         out, finals, _, _ = window.solve(inputs, s0, guess)
-        return out, finals[-1], window.states
+        return out, window.carried(finals), window.states
     out, fin = ExactRecurrence.apply(window, guess, inputs, s0, *unit.parameters())
     return out, fin, window.states
 
 
 def parallel_recur(model: Any, inputs: torch.Tensor, state: torch.Tensor, settings: Any,
                    k: int, stats: RecurrenceStats, masks: Any = None,
-                   guesses: dict[int, torch.Tensor] | None = None
+                   guesses: dict[int, torch.Tensor] | None = None, shard: Shard | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's recurrence over a window of ``(T, B)`` tokens from its flat state, solved
     in blocks of ``k``: ``(top outputs (T, B, H), final flat state (B, D))`` — what
     ``model.recur`` computes (with the window's fixed dropout ``masks``, from
     ``model.draw_masks``), differentiable. Every unit's solve is recorded in ``stats``, its
-    solution kept in ``stats.solutions`` (the next epoch's warm start, passed as ``guesses``)."""
+    solution kept in ``stats.solutions`` (the next epoch's warm start, passed as ``guesses``).
+    With a ``shard`` (``time_shard``), ``inputs`` and ``masks`` are this rank's blocks of the
+    window, the outputs too; the final state is the window's, on every rank."""
     x = model.encoder(inputs)
     if masks is not None:
         x = x * masks.emb
@@ -549,7 +767,7 @@ def parallel_recur(model: Any, inputs: torch.Tensor, state: torch.Tensor, settin
     for i, (unit, s0) in enumerate(zip(units, parts)):
         record = SolveRecord(0)
         guess = None if guesses is None else guesses.get(i)
-        x, fin, solved = run_unit(unit, x, s0, k, settings, record, guess)
+        x, fin, solved = run_unit(unit, x, s0, k, settings, record, guess, shard)
         stats.records.append(record)
         if solved is not None:
             stats.solutions[i] = solved

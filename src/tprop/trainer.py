@@ -137,8 +137,14 @@ class Trainer(ABC):
         return tqdm(total=total, desc=desc, unit="upd", leave=False, dynamic_ncols=True,
                     disable=self.cfg.quiet, mininterval=0.5)
 
+    def ranks_draw_alike(self) -> bool:
+        """Whether every rank must draw the same random numbers (else each its own)."""
+        return False
+
     def seed_rank(self) -> None:
-        """Ranks other than 0 draw their own dropout masks."""
+        """Ranks other than 0 draw their own dropout masks (unless they must draw alike)."""
+        if self.ranks_draw_alike():
+            return
         seed = self.comm.rank_seed(self.cfg.seed, self.epoch)
         if seed is not None:
             torch.manual_seed(seed)
