@@ -82,6 +82,19 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = json.loads(capsys.readouterr().out)
     assert math.isfinite(out["lyapunov"]) and out["steps"] == 100
     assert out["per_block"] == pytest.approx(out["lyapunov"] * 8)
+    assert main(["analyse", "lyapunov", str(run), "--steps", "100", "--burn-in", "20",
+                 "--json", "--untrained"]) == 0
+    init = json.loads(capsys.readouterr().out)
+    assert init["checkpoint"] == "init" and init["lyapunov"] != out["lyapunov"]
+    # --untrained is the run's own starting point: the trainer's model before any update
+    from tprop.cli import _initial_state
+    from tprop.config import TrainConfig
+    from tprop.inference import load_run
+    from tprop.train import make_trainer
+
+    start = make_trainer(TrainConfig.load(run / "config.json").replace(out=None)).model
+    for k, v in _initial_state(load_run(run, need_data=False)).items():
+        assert torch.equal(v, start.state_dict()[k]), k
     with pytest.raises(SystemExit) as e:
         main(["analyse", "lyapunov", str(run), "--steps", "100000"])
     assert e.value.code == 2

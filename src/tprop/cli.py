@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps run first to forget the zero state (default 100)")
     ly.add_argument("--block-size", type=_positive_int, default=None, metavar="K",
                     help="also predict the Jacobi sweeps for blocks of K (default: the run's)")
+    ly.add_argument("--untrained", action="store_true", help="the run's model as initialised "
+                    "(its seed), before any training")
     ly.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     ly.add_argument("--data-dir", metavar="DIR", help="where the corpus lies (default: as the run)")
     ly.add_argument("--json", action="store_true", help="print one JSON object")
@@ -320,6 +322,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
     from .inference import load_run
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device, data_dir=args.data_dir)
+    if args.untrained:
+        run.model.load_state_dict(_initial_state(run))
     data = run.corpus.split(args.split)
     try:
         out = lyapunov(run.model, data, args.columns, args.steps, args.burn_in)
@@ -328,7 +332,8 @@ def cmd_analyse(args: argparse.Namespace) -> int:
     cfg = run.cfg
     k = args.block_size or cfg.block_size or cfg.bptt
     blocks = max(1, math.ceil(cfg.bptt / k))
-    out.update(run=str(args.run_dir), checkpoint=args.checkpoint, split=args.split,
+    out.update(run=str(args.run_dir), checkpoint="init" if args.untrained else args.checkpoint,
+               split=args.split,
                block_size=k, window=cfg.bptt,
                per_block=out["lyapunov"] * k,
                predicted_sweeps=sweeps_needed(out["lyapunov"], k, blocks, cfg.rec_tol))
@@ -341,6 +346,16 @@ def cmd_analyse(args: argparse.Namespace) -> int:
               f"about {out['predicted_sweeps']} of {blocks - 1} sweeps for a window of "
               f"{cfg.bptt} to --rec-tol {cfg.rec_tol:g}")
     return 0
+
+
+def _initial_state(run: Any) -> dict[str, Any]:
+    """The parameters the run started from (its model built anew under its seed)."""
+    import torch
+
+    from .trainer import build_model
+
+    torch.manual_seed(run.cfg.seed)
+    return build_model(run.cfg, len(run.vocab)).state_dict()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
