@@ -292,7 +292,7 @@ class TrainConfig:
     eval_train: bool = _f(False, "also measure the training split's perplexity by evaluation "
                           "each epoch (train_eval_ppl)", kind="flag", group="evaluation")
     # run
-    seed: int = _f(1, "random seed", kind="int")
+    seed: int = _f(1, "random seed", kind="int", lo=-(2**63), hi=2**63 - 1)
     device: str = _place("auto", "auto: CUDA when available", kind="choice", choices=DEVICES,
                          resumable=True)
     threads: int | None = _place(None, "CPU threads for torch (default: torch's)", kind="int",
