@@ -30,6 +30,15 @@ from .optim import build_optimizer, set_lr
 from .trainer import Trainer
 
 
+def _carried(model: Any, state: Any) -> Any:
+    """The state carried into the next window: detached, and in the parameters' precision
+    (autocast may have computed it in a lower one)."""
+    dtype = model.decoder.weight.dtype
+    if isinstance(state, tuple):
+        return tuple(s.detach().to(dtype) for s in state)
+    return state.detach().to(dtype)
+
+
 class BPTTTrainer(Trainer):
     """Truncated BPTT over ``batch_size`` stream columns and windows of ``bptt`` steps."""
 
@@ -89,6 +98,18 @@ class BPTTTrainer(Trainer):
         logits, state = self.step_module(x, state)
         return F.cross_entropy(logits.view(-1, self.ntoken), y.reshape(-1)), state
 
+    def precise_window(self, w: int, x: torch.Tensor, y: torch.Tensor, state: Any
+                       ) -> tuple[torch.Tensor, Any]:
+        """:meth:`window_loss` under the run's precision (autocast)."""
+        try:
+            with self.precision.autocast():
+                return self.window_loss(w, x, y, state)
+        except RuntimeError as e:
+            refusal = self.precision.refusal(e)
+            if refusal is None:
+                raise
+            raise refusal from None
+
     def train_epoch(self, epoch: int, lr: float) -> dict[str, Any]:
         cfg, model, opt, comm = self.cfg, self.model, self.optimizer, self.comm
         set_lr(opt, lr)
@@ -106,17 +127,18 @@ class BPTTTrainer(Trainer):
         for w, (x, y) in enumerate(self.columns.windows(cfg.bptt)):
             group = min(accum, nwin - (w // accum) * accum)  # windows in this update
             sync = (w + 1) % accum == 0 or w + 1 == nwin
-            state = model.detach_state(state)
+            state = _carried(model, state)
             with nullcontext() if sync else comm.no_sync(self.step_module):
-                loss, state = self.window_loss(w, x, y, state)
-                (loss / group).backward()
+                loss, state = self.precise_window(w, x, y, state)
+                self.precision.backward(loss / group)
             loss_sum += loss.detach()
             if sync:
                 if self.exact is not None:
                     self.exact.reduce_grads(params)
+                self.precision.unscale_(opt)
                 if cfg.clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-                opt.step()
+                self.precision.step(opt)
                 opt.zero_grad(set_to_none=True)
                 updates += 1
                 if comm.world > 1 and self.exact is None:  # what DDP all-reduced

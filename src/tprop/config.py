@@ -32,6 +32,9 @@ PENALTIES = ("l2", "kl", "l2+kl")
 KL_DIRECTIONS = ("target-pred", "pred-target")
 STATE_CONSTRAINTS = ("none", "box", "l1")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("fp32", "bf16", "fp16")  # tprop.precision
+# the smallest --rec-tol the exact recurrence can meet when its states are rounded to a format
+RESOLUTION = {"fp32": 0.0, "bf16": 1e-2, "fp16": 1e-3}
 # exact parallel-in-time recurrence (tprop.recurrence, docs/parallel_time.md)
 RECURRENCES = ("sequential", "jacobi", "newton", "quasi-newton")
 WARM_STARTS = ("previous", "zero")
@@ -300,6 +303,15 @@ class TrainConfig:
     dtype: str | None = _f(None, "precision of the parameters and free states (default: "
                            "torch's, float32)", kind="choice", choices=DTYPES, optional=True,
                            show_default=False)
+    precision: str = _f("fp32", "mixed precision of the training forward passes (autocast; a "
+                        "gradient scaler for fp16, BPTT only): parameters, optimiser state, free "
+                        "states and losses stay float32, evaluation runs in float32",
+                        kind="choice", choices=PRECISIONS)
+    tensorboard: str | None = _place(None, "also write every metric of every epoch as "
+                                     "TensorBoard events into DIR (needs the tensorboard "
+                                     "package: pip install 'tprop[tensorboard]')",
+                                     optional=True, metavar="DIR", resumable=True,
+                                     show_default=False)
     dist_timeout: float = _place(120.0, "how long a rank waits for another before stopping "
                                  "with an error, in seconds", kind="float", lo=0,
                                  lo_open=True, group="distributed", metavar="SECONDS",
@@ -366,6 +378,15 @@ class TrainConfig:
              f"of each --bptt window)")
         need(self.method != "bptt" or self.block_size is None or self.block_size <= self.bptt,
              "block_size", f"must be at most the window --bptt {self.bptt}")
+        need(self.precision != "fp16" or self.method == "bptt", "precision",
+             f"fp16 needs loss scaling, which the --method {self.method} solvers (several "
+             "gradients per update) do not do: use bf16")
+        need(self.precision == "fp32" or self.dtype != "float64", "precision",
+             "mixed precision with --dtype float64 makes no sense: drop one of them")
+        floor = RESOLUTION[self.precision]
+        need(self.recurrence == "sequential" or self.rec_tol >= floor, "rec_tol",
+             f"with --precision {self.precision} the solved states are rounded to about "
+             f"{floor:g}: use --rec-tol {floor:g} or more, or --precision fp32")
         need(self.method == "bptt" or self.block_size in (None, self.bptt), "block_size",
              f"with --method {self.method} the block length is --bptt ({self.bptt}); give one "
              "of them")

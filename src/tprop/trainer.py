@@ -30,6 +30,7 @@ from .data import Corpus, load_corpus
 from .evaluate import evaluate, perplexity
 from .models import RNNLM
 from .optim import LRSchedule
+from .precision import Precision
 from .rundir import RunDir
 from .system import resolve_device, tune_allocator
 
@@ -39,6 +40,19 @@ EXIT_DIVERGED = 3  # a run that diverged (NaN or perplexity above --max-ppl)
 
 class Diverged(RuntimeError):
     """Training produced a NaN loss or a perplexity above ``max_ppl``."""
+
+
+def _scalars(row: dict[str, Any]) -> list[tuple[str, float]]:
+    """The numbers of a metrics row: scalars as they are, lists by index (``key/1`` …)."""
+    out = []
+    for key, value in row.items():
+        if isinstance(value, bool) or key == "epoch":
+            continue
+        if isinstance(value, (int, float)):
+            out.append((key, float(value)))
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out += [(f"{key}/{i + 1}", float(v)) for i, v in enumerate(value)]
+    return out
 
 
 def build_model(cfg: TrainConfig, ntoken: int) -> RNNLM:
@@ -92,6 +106,9 @@ class Trainer(ABC):
             comm.broadcast_(p.data, 0, kind="setup")
         self.schedule = LRSchedule(cfg.lr, cfg.lrshrink, cfg.tol, cfg.patience, cfg.lr_decay,
                                    cfg.lr_decay_start)
+        self.precision = Precision(cfg.precision, self.device)
+        self.precision.probe(self.model)
+        self._events: Any = None  # the TensorBoard writer, opened at the first epoch
         self.epoch = 0  # epochs completed
         self.setup()
         self.seed_rank()
@@ -157,7 +174,7 @@ class Trainer(ABC):
             "model_config": self.model.config(),
             "model": self.model.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "method_state": self.method_state(),
+            "method_state": {**self.method_state(), **self.precision.state_dict()},
             "rng": rng_state(),
             "wall_s": self.wall_offset,
             "vocab": encode_strings(self.corpus.vocab.itos),
@@ -169,10 +186,24 @@ class Trainer(ABC):
         self.model.load_state_dict(ckpt["model"])
         self.schedule.load_state_dict(ckpt["schedule"])
         self.load_method_state(ckpt["method_state"])
+        self.precision.load_state_dict(ckpt["method_state"])
         self.epoch = ckpt["epoch"]
         self.wall_offset = ckpt["wall_s"]
         set_rng_state(ckpt["rng"])
         self.seed_rank()
+
+    def divergence_hint(self) -> str:
+        """What to try when a run diverges in its first epoch (the optimiser and its rate are
+        the usual cause: tprop's default is the reference code's Adagrad, lr 0.1)."""
+        if self.epoch > 0:
+            return ""
+        cfg = self.cfg
+        hint = (f" The run used --optim {cfg.optim} --lr {cfg.lr:g} --clip {cfg.clip:g}: try a "
+                "smaller --lr")
+        if cfg.optim != "sgd":
+            hint += (", or --optim sgd (plain SGD, as pytorch/examples' word_language_model "
+                     "and Zaremba et al.: e.g. --optim sgd --lr 20 --clip 0.25)")
+        return hint + "."
 
     def evaluate_loss(self, data: torch.Tensor) -> float:
         """Mean token cross entropy over a split (the same value on every rank)."""
@@ -200,7 +231,7 @@ class Trainer(ABC):
             kept = (f" The best checkpoint so far is kept ({run.best_ckpt})."
                     if run is not None and run.best_ckpt.is_file() else
                     " No epoch finished, so there is no checkpoint." if self.epoch == 0 else "")
-            self.log(f"stopping: training diverged at {e}.{kept}")
+            self.log(f"stopping: training diverged at {e}.{kept}{self.divergence_hint()}")
         except KeyboardInterrupt:
             self.status = "interrupted"
             if run is not None:
@@ -212,6 +243,9 @@ class Trainer(ABC):
         summary = self.summarize()
         if run is not None:
             run.write_summary(summary)
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         return summary
 
     def run_epoch(self, epoch: int) -> None:
@@ -244,6 +278,7 @@ class Trainer(ABC):
         self.epoch = epoch
         self._rows.append(row)
         self.log(self.epoch_line(row, is_best))
+        self.write_events(row)
         if self.checkpointing:
             payload = self.checkpoint_payload()  # every rank: it may gather sharded state
             if run is not None:
@@ -254,6 +289,21 @@ class Trainer(ABC):
         elif is_best:
             self._best_in_memory = {k: v.detach().clone()
                                     for k, v in self.model.state_dict().items()}
+
+    def write_events(self, row: dict[str, Any]) -> None:
+        """Every number of an epoch's metrics as a TensorBoard scalar (``--tensorboard``)."""
+        if not self.cfg.tensorboard or not self.comm.is_main:
+            return
+        if self._events is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install "
+                                  "'tprop[tensorboard]' (or pip install tensorboard)") from None
+            self._events = SummaryWriter(self.cfg.tensorboard)
+        for key, value in _scalars(row):
+            self._events.add_scalar(key, value, row["epoch"])
+        self._events.flush()
 
     def summarize(self) -> dict[str, Any]:
         """Summary of the run; the best checkpoint's test perplexity is measured here (on every
