@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
+from torch import _VF
 
 from .checkpoint import decode_strings, load_checkpoint
 from .config import ConfigError, TrainConfig
@@ -40,21 +42,76 @@ class LoadedRun:
         return evaluate(self.model, data.to(self.device), batch_size or self.cfg.eval_batch_size,
                         recurrence=recurrence, block_size=block_size)
 
-    @torch.no_grad()
-    def generate(self, ntokens: int, temperature: float = 1.0, seed: int = 0) -> str:
-        """Sample ``ntokens`` tokens from the zero state and return them as text."""
+    @torch.inference_mode()
+    def generate(self, ntokens: int, temperature: float = 1.0, seed: int = 0,
+                 threads: int | None = None) -> str:
+        """Sample ``ntokens`` tokens from the zero state and return them as text.
+
+        One token at a time is batch-1 work, which more CPU threads only slow down (they
+        synchronise at every small matrix product): on the CPU it runs on ``threads`` threads,
+        one by default, and torch's setting is restored after."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        state = self.model.init_state(1)
+        before = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or 1)
+        try:
+            out = self._sample(ntokens, temperature, gen)
+        finally:
+            torch.set_num_threads(before)
+        return detokenize(self.vocab.decode(out), self.format)
+
+    def _sample(self, ntokens: int, temperature: float, gen: torch.Generator) -> list[int]:
+        step = one_step(self.model)
+        state = step.init()
         eos = self.vocab.stoi.get("<eos>")
-        x = torch.tensor([[eos if eos is not None else 0]], device=self.device)
+        tok = eos if eos is not None else 0
         out = []
         for _ in range(ntokens):
-            logits, state = self.model(x, state)
-            probs = torch.softmax(logits[-1, 0].double().cpu() / temperature, -1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-            out.append(nxt)
-            x.fill_(nxt)
-        return detokenize(self.vocab.decode(out), self.format)
+            logits, state = step(tok, state)
+            probs = torch.softmax(logits.double().cpu() / temperature, -1)
+            u = torch.rand(1, generator=gen, dtype=torch.float64)
+            tok = min(int(torch.searchsorted(torch.cumsum(probs, 0), u)), probs.numel() - 1)
+            out.append(tok)
+        return out
+
+
+class one_step:  # noqa: N801 - used like a function
+    """One token through the model: ``(token id, state) -> (logits (V,), state)``.
+
+    torch's fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` pay a set-up per call that dwarfs one step
+    at batch 1; their single-step cells (``lstm_cell`` …) on each layer's weights compute the
+    same step without it. Other recurrent modules run through the model itself."""
+
+    def __init__(self, model: RNNLM) -> None:
+        self.model = model
+        rnn = model.rnn
+        self.cell = ({"LSTM": _VF.lstm_cell, "GRU": _VF.gru_cell, "RNN_TANH": _VF.rnn_tanh_cell}
+                     .get(getattr(rnn, "mode", ""))) if isinstance(rnn, nn.RNNBase) else None
+        if self.cell is not None:
+            self.weights = [[getattr(rnn, f"{n}_l{layer}") for n in
+                             ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                            for layer in range(rnn.num_layers)]
+
+    def init(self) -> Any:
+        state = self.model.init_state(1)
+        if self.cell is None:
+            return state
+        if isinstance(state, tuple):  # per layer (h, c) of shape (1, H)
+            return [(h, c) for h, c in zip(state[0], state[1])]
+        return list(state)
+
+    def __call__(self, token: int, state: Any) -> tuple[torch.Tensor, Any]:
+        model = self.model
+        x = model.encoder.weight[token].unsqueeze(0)
+        if self.cell is None:
+            logits, state = model(torch.tensor([[token]], device=x.device), state)
+            return logits[0, 0], state
+        new = []
+        for weights, s in zip(self.weights, state):
+            s = self.cell(x, s, *weights)
+            x = s[0] if isinstance(s, tuple) else s
+            new.append(s)
+        return torch.addmv(model.decoder.bias, model.decoder.weight, x[0]), new
 
 
 def load_run(
