@@ -130,7 +130,7 @@ class BPTTTrainer(Trainer):
             state = _carried(model, state)
             with nullcontext() if sync else comm.no_sync(self.step_module):
                 loss, state = self.precise_window(w, x, y, state)
-                self.precision.backward(loss / group)
+                self.precision.backward(loss / group if group > 1 else loss)
             loss_sum += loss.detach()
             if sync:
                 if self.exact is not None:

@@ -159,8 +159,10 @@ class RNNLM(nn.Module):
     def recur(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Run the recurrence: ``(T, B)`` tokens from ``state`` -> top-layer outputs ``(T, B, H)``
         (dropout applied) and the final native state. One fused call for all columns."""
-        emb = self.drop(self.encoder(inputs))
-        out, state = self.rnn(emb, state)
+        emb = self.encoder(inputs)
+        if self.drop.p == 0:  # no dropout module calls on the hot path
+            return self.rnn(emb, state)
+        out, state = self.rnn(self.drop(emb), state)
         return self.drop(out), state
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
