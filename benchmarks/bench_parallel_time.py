@@ -1,5 +1,9 @@
 """The exact parallel recurrence against sequential BPTT over one window, measured side by side.
 
+The diagonal cells (``diag-lstm-1x128``, ``diag-gru-1x128``, ``--diag``) run step-level Newton
+(block size 1, the elementwise scan) against their own sequential loop and against the fused
+full LSTM of the same width (cuDNN on a GPU), windows up to 16,384 steps.
+
 For each case (window T, columns B, model, untrained or PTB-trained weights, recurrence)
 one forward+backward of a window of PTB validation text (the loss is the mean token cross
 entropy, the decoder included) is timed for the fused sequential kernel (cuDNN on a GPU,
@@ -39,7 +43,10 @@ from tprop.system import tune_allocator
 from tprop.train import train
 
 MODELS = {"lstm-1x128": dict(model="lstm", nlayers=1, nhid=128, emsize=128),
-          "lstm-2x200": dict(model="lstm", nlayers=2, nhid=200, emsize=200)}
+          "lstm-2x200": dict(model="lstm", nlayers=2, nhid=200, emsize=200),
+          "diag-lstm-1x128": dict(model="diag-lstm", nlayers=1, nhid=128, emsize=128),
+          "diag-gru-1x128": dict(model="diag-gru", nlayers=1, nhid=128, emsize=128)}
+DIAGONAL = ("diag-lstm-1x128", "diag-gru-1x128")
 
 
 def trained_weights(name: str, tokens: int, device: str) -> RNNLM:
@@ -86,7 +93,8 @@ def timed(fn: Any, device: str) -> float:
 
 
 def run_case(model: RNNLM, x: torch.Tensor, y: torch.Tensor, s0: torch.Tensor, rec: str,
-             k: int, tol: float, repeats: int, device: str) -> dict[str, Any]:
+             k: int, tol: float, repeats: int, device: str,
+             full: RNNLM | None = None) -> dict[str, Any]:
     params = list(model.parameters())
     vocab = model.ntoken
 
@@ -94,6 +102,11 @@ def run_case(model: RNNLM, x: torch.Tensor, y: torch.Tensor, s0: torch.Tensor, r
         logits, _ = model(x, model.unflatten_state(s0))
         loss = F.cross_entropy(logits.view(-1, vocab), y.reshape(-1))
         return list(torch.autograd.grad(loss, params))
+
+    def full_lstm() -> list[torch.Tensor]:  # the fused full LSTM of the same width
+        logits, _ = full(x, full.init_state(x.shape[1]))
+        loss = F.cross_entropy(logits.view(-1, vocab), y.reshape(-1))
+        return list(torch.autograd.grad(loss, list(full.parameters())))
 
     stats_box: list[RecurrenceStats] = []
     st = RecurrenceSettings(recurrence=rec, rec_tol=tol, warm_start="zero")
@@ -109,13 +122,18 @@ def run_case(model: RNNLM, x: torch.Tensor, y: torch.Tensor, s0: torch.Tensor, r
     ref, got = sequential(), parallel()  # warm-up, and the gradients compared
     num = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(got, ref)))
     den = math.sqrt(sum(float(b.pow(2).sum()) for b in ref))
-    ratios, t_seq, t_par = [], [], []
+    ratios, t_seq, t_par, t_full = [], [], [], []
+    sides = [sequential, parallel] + ([full_lstm] if full is not None else [])
+    if full is not None:
+        full_lstm()  # warm-up
     for i in range(repeats):
-        order = (sequential, parallel) if i % 2 == 0 else (parallel, sequential)
+        order = sides if i % 2 == 0 else sides[::-1]
         times = {f.__name__: timed(f, device) for f in order}
         t_seq.append(times["sequential"])
         t_par.append(times["parallel"])
         ratios.append(times["sequential"] / times["parallel"])
+        if full is not None:
+            t_full.append(times["full_lstm"] / times["parallel"])
     recs = stats_box[-1].records
     fwd = max(r.fwd_iters for r in recs)
     adj = max(r.adj_iters for r in recs)
@@ -126,7 +144,8 @@ def run_case(model: RNNLM, x: torch.Tensor, y: torch.Tensor, s0: torch.Tensor, r
             "depth": depth(rec, k, blocks, fwd, adj, x.shape[0]) * len(recs),
             "sequential_depth": 2 * x.shape[0], "seq_s": statistics.median(t_seq),
             "par_s": statistics.median(t_par), "speedup_vs_sequential": statistics.median(ratios),
-            "grad_rel_err": num / den}
+            "grad_rel_err": num / den,
+            **({"speedup_vs_full_lstm": statistics.median(t_full)} if full is not None else {})}
 
 
 def too_slow(rec: str, model: RNNLM, steps: int, batch: int, device: str) -> str | None:
@@ -155,10 +174,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-tokens", type=int, default=200_000)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--diag-steps", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     p.add_argument("--quick", action="store_true", help="T 64/256, B 1, one repeat")
     args = p.parse_args()
     if args.quick:
         args.steps, args.batch, args.repeats = [64, 256], [1], 1
+        args.diag_steps = [256, 1024]
     tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,24 +192,29 @@ def main() -> None:
             model = (trained_weights(name, args.train_tokens, dev) if weights == "trained"
                      else untrained(name, len(corpus.vocab), dev))
             model.eval()  # no dropout: the window's computation alone
+            diag = name in DIAGONAL
+            full = untrained("lstm-1x128", len(corpus.vocab), dev).eval() if diag else None
             for b in args.batch:
-                for steps in args.steps:
+                for steps in (args.diag_steps if diag else args.steps):
                     x, y, s0 = window(model, data, steps, b)
-                    for rec in args.recurrences:
+                    for rec in (["newton"] if diag else args.recurrences):
+                        k = 1 if diag else args.block_size
                         base = {"T": steps, "B": b, "model": name, "weights": weights,
-                                "recurrence": rec, "block_size": args.block_size}
-                        why = too_slow(rec, model, steps, b, dev)
+                                "recurrence": rec, "block_size": k}
+                        why = None if diag else too_slow(rec, model, steps, b, dev)
                         if why:
                             skipped.append({**base, "why": why})
                             print(f"skip  {base}: {why}", flush=True)
                             continue
-                        res = run_case(model, x, y, s0, rec, args.block_size, args.tol,
-                                       args.repeats, dev)
+                        res = run_case(model, x, y, s0, rec, k, args.tol, args.repeats, dev,
+                                       full)
                         cases.append({**base, **res})
-                        print(f"{name:11s} {weights:9s} T={steps:5d} B={b} {rec:12s} "
+                        extra = (f" vs full LSTM {res['speedup_vs_full_lstm']:6.3f}"
+                                 if diag else "")
+                        print(f"{name:15s} {weights:9s} T={steps:5d} B={b} {rec:12s} "
                               f"iters {res['iterations']:3d}/{res['adjoint_iterations']:3d} "
                               f"depth {res['depth']:7.0f} (seq {2 * steps}) speed-up "
-                              f"{res['speedup_vs_sequential']:6.3f} grad err "
+                              f"{res['speedup_vs_sequential']:6.3f}{extra} grad err "
                               f"{res['grad_rel_err']:.1e}", flush=True)
     print(json.dumps({"device": device_name(dev), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "tol": args.tol,
