@@ -118,7 +118,35 @@ def test_stats_bad_data_dir_exits_2(tmp_path, env_dirs, capsys):
     assert code == 2 and out == ""
     assert "Traceback" not in err
     (line,) = error_lines(err)
-    assert "corpus directory not found" in line
+    assert line == f"tprop data: error: --data-dir {tmp_path / 'none'}: no such directory"
+
+
+@pytest.mark.parametrize("action", ["stats", "prepare"])
+def test_explicit_data_dir_is_never_looked_past(action, tmp_path, env_dirs, capsys):
+    """A named corpus with an explicit --data-dir is read there (or in DIR/NAME) or refused,
+    naming what is missing: the copy in $TPROP_DATA is not used instead."""
+    from conftest import write_corpus
+
+    write_corpus(env_dirs["data"] / "ptb", n_train=50, n_eval=20)
+    nowhere = tmp_path / "no" / "such"
+    code, out, err = run(capsys, "data", action, "ptb", "--data-dir", str(nowhere))
+    assert code == 2 and out == "" and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert line == f"tprop data: error: --data-dir {nowhere}: no such directory"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run(capsys, "data", action, "ptb", "--data-dir", str(empty))
+    assert code == 2 and out == ""
+    (line,) = error_lines(err)
+    assert f"--data-dir {empty} does not hold corpus 'ptb'" in line
+    assert f"{empty} lacks train.txt, valid.txt, test.txt" in line
+    assert f"{empty / 'ptb'} does not exist" in line
+    # DIR/ptb is the other place looked in
+    write_corpus(empty / "ptb")
+    code, out, err = run(capsys, "data", "stats", "ptb", "--data-dir", str(empty), "--json")
+    assert code == 0, err
+    assert json.loads(out)["path"] == str(empty / "ptb")
+    assert not (env_dirs["cache"] / "data").exists()  # nothing downloaded
 
 
 def test_prepare_absent_corpus_offline_exits_2_with_where_to_put_files(env_dirs, capsys):

@@ -420,3 +420,66 @@ def test_lost_rank_stops_the_other(sig: int, corpus_dir: Path, tmp_path: Path) -
     assert waited < limit
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["epoch"] >= 1 and ckpt["method_state"]["Z"].shape[0] == 200
+
+
+# ----------------------------------------------------------------------------- tprop --nproc
+def test_first_failure_status() -> None:
+    """`tprop train --nproc` reports the status of the rank that failed first, preferring a
+    rank's own failure to what it caused in the others (lost contact, SIGTERM)."""
+    from types import SimpleNamespace as F
+
+    from tprop.distributed import first_failure_status
+
+    assert first_failure_status({0: F(exitcode=2, timestamp=5), 1: F(exitcode=2, timestamp=5)}) == 2
+    assert first_failure_status({0: F(exitcode=4, timestamp=5), 1: F(exitcode=-9, timestamp=5)}) \
+        == 137
+    assert first_failure_status({0: F(exitcode=143, timestamp=4), 1: F(exitcode=3, timestamp=6)}) \
+        == 3
+    assert first_failure_status({1: F(exitcode=1, timestamp=7), 0: F(exitcode=1, timestamp=6)}) \
+        == 1
+    assert first_failure_status({0: F(exitcode=4, timestamp=5)}) == EXIT_LOST_CONTACT
+
+
+def _nproc(args: list[str], tmp: Path, **kw: Any) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tprop", *args, "--nproc", "2"],
+                            env=env_for(tmp), cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_nproc_config_error_exits_2_without_torchrun_report(corpus_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """The docs' exit status 2 (not torchrun's 1), rank 0's one-line message, no report."""
+    args = _train_args(corpus_dir, tmp_path / "run", 1)
+    args[args.index("admm")] = "bptt"
+    args += ["--batch-size", "3"]
+    p = _nproc(args, tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err
+    assert "--batch-size: 3 stream columns do not split evenly over 2 ranks" in err
+    assert err.count("error:") == 1, err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_nproc_ctrl_c_exits_130_and_the_run_resumes(corpus_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the launcher's process group) reaches the ranks once, through torchrun:
+    they stop, the launcher exits with 130 and no traceback, and the run resumes."""
+    run = tmp_path / "run"
+    args = _train_args(corpus_dir, run, 10_000) + ["--tol", "1000000"]
+    p = _nproc(args, tmp_path, start_new_session=True)
+    try:
+        _wait_for(run / "last.pt", [p])
+        time.sleep(0.3)
+        os.killpg(p.pid, signal.SIGINT)
+        so, se = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert p.returncode == 130, so[-2000:] + se[-3000:]
+    assert "Traceback" not in se and "ChildFailedError" not in se, se[-3000:]
+    assert f"continue with: tprop train --resume {run}" in so
+    done = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert main(["train", "--resume", str(run), "--epochs", str(done + 1)]) == 0

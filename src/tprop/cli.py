@@ -11,30 +11,37 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .config import (
+    BTPROP_METHODS,
     DEFAULTS,
     META,
     RESUMABLE,
     SPLITS,
     ConfigError,
+    applies,
     check_value,
     describe_default,
     flag_of,
     groups,
     parse_value,
 )
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, SigTerm
 
 # the exact-recurrence settings `tprop eval` takes
 EVAL_RECURRENCE = ("recurrence", "block_size", "rec_tol", "rec_max_iters", "rec_damping",
                    "rec_lm", "jacobian_chunk")
 EXIT_USAGE = 2  # as tprop.trainer: a user's mistake
 EXIT_DIVERGED = 3
+EXIT_TERMINATED = 143  # stopped by SIGTERM (128 + 15)
+EXIT_BROKEN_PIPE = 141  # the reader of the output went away (128 + SIGPIPE), as `yes | head`
+LAUNCHED_ENV = "TPROP_LAUNCHED"  # set by `tprop train --nproc` in the ranks it starts
 
 # argument groups of `tprop train`, in help order: (group, title, description)
 GROUPS = [
@@ -163,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint", choices=("best", "last"), default="best")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default 1: one token at a time is batch-1 work)")
 
     d = sub.add_parser("data", help="list, inspect and fetch corpora",
                        description="Named corpora: list them, print statistics, or fetch and "
@@ -261,10 +270,97 @@ def default_out(options: dict[str, Any]) -> str:
     return f"runs/{name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def ignored_flags(options: dict[str, Any]) -> tuple[str, list[str]]:
+    """The method a new run's ``options`` choose, and the flags among them that it does not
+    read (``tprop.config.applies``)."""
+    from .config import PRESETS
+
+    preset = PRESETS.get(options.get("preset") or "", {})
+    method = options.get("method", preset.get("method", DEFAULTS["method"]))
+    flags = [flag_of(k) for k in options if k in META and not applies(k, method)
+             and not (k == "block_size" and method in BTPROP_METHODS)]  # BTPROP's --bptt
+    return method, flags
+
+
+def warn_ignored(options: dict[str, Any]) -> None:
+    """Say once, on standard error, which explicitly given flags the method ignores."""
+    if _is_secondary_rank() or os.environ.get(LAUNCHED_ENV):
+        return  # the launcher or rank 0 says it
+    method, flags = ignored_flags(options)
+    if flags:
+        verb = "is" if len(flags) == 1 else "are"
+        print(f"tprop train: note: {', '.join(flags)} {verb} ignored by --method {method}",
+              file=sys.stderr, flush=True)
+
+
+class PipeGuard:
+    """A text stream (standard output or error) that, once its reader has gone (a closed
+    pipe: ``tprop train | head``), drops what is written to it instead of raising."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.gone = True
+        try:  # what is still buffered, and the interpreter's last flush, go nowhere
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self.stream.fileno())
+            finally:
+                os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise SigTerm()
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """``tprop train``: its output survives a reader that goes away (training goes on, the
+    run's train.log keeps every line); SIGTERM stops a one-process run as Ctrl-C does."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PipeGuard(out), PipeGuard(err)
+    one_process = os.environ.get("WORLD_SIZE", "").strip() in ("", "1")  # not a torchrun rank
+    old = None
+    if one_process and threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _train(args, argv)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        for guard in (sys.stdout, sys.stderr):
+            if isinstance(guard, PipeGuard):
+                guard.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     options = {k: v for k, v in vars(args).items() if k != "command"}
     nproc = options.pop("nproc", 1)
     resume = options.pop("resume", None)
+    if resume is None:
+        warn_ignored(options)
     if nproc > 1:  # relaunch this command under torchrun, on nproc local ranks
         from .distributed import launch_local
 
@@ -362,7 +458,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .inference import load_run
 
     run = load_run(args.run_dir, args.checkpoint, device=args.device, need_data=False)
-    print(run.generate(args.tokens, args.temperature, args.seed))
+    print(run.generate(args.tokens, args.temperature, args.seed, args.threads))
     return 0
 
 
@@ -493,24 +589,37 @@ def run_lab_command(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](args)
 
 
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser,
+              argv: Sequence[str] | None) -> int:
+    if args.command == "train":
+        return cmd_train(args, argv)
+    if args.command == "eval":
+        return cmd_eval(args)
+    if args.command == "generate":
+        return cmd_generate(args)
+    if args.command == "data":
+        return cmd_data(args, parser)
+    if args.command == "analyse":
+        return cmd_analyse(args)
+    return run_lab_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            return cmd_train(args, argv)
-        if args.command == "eval":
-            return cmd_eval(args)
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "data":
-            return cmd_data(args, parser)
-        if args.command == "analyse":
-            return cmd_analyse(args)
-        return run_lab_command(args)
+        code = _dispatch(args, parser, argv)
+        sys.stdout.flush()  # here, where a reader that has gone is caught
+        return code
+    except SigTerm:
+        print(f"tprop {args.command}: stopped by SIGTERM", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output has gone (`tprop eval ... | head`)
+        PipeGuard(sys.stdout)._drop()
+        return EXIT_BROKEN_PIPE
     except Exception as e:
         from .comm import Declined
 

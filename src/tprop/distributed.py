@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -305,16 +306,84 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+LAUNCHED_ENV = "TPROP_LAUNCHED"  # tprop.cli: set in the ranks `tprop train --nproc` starts
+_AGENT = "import sys; from tprop.distributed import run_agent; sys.exit(run_agent(sys.argv[1:]))"
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def launch_local(nproc: int, argv: Sequence[str]) -> int:
     """``tprop train --nproc N``: run ``torchrun --standalone --nproc-per-node N -m tprop
-    <argv>`` (one machine, rendezvous on a free local port); return its exit status."""
+    <argv>`` (one machine, rendezvous on a free local port); return the exit status of the
+    rank that failed first (0 when all succeeded; 128 + the signal for a signal).
+
+    The ranks print their own messages; torchrun's report of a failure is not shown.
+    Ctrl-C, SIGTERM and SIGHUP reach the ranks once, through torchrun, which stops them."""
     if env_world_size() > 1:
         raise ConfigError("--nproc: this process is already one rank of a torchrun job; "
                           "drop --nproc")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "tprop", *strip_nproc(argv)]
-    print(f"tprop train: launching {nproc} ranks: torchrun --standalone "
-          f"--nproc-per-node={nproc} -m tprop {' '.join(strip_nproc(argv))}", flush=True)
-    return subprocess.call(cmd, env=env)
+    env[LAUNCHED_ENV] = "1"
+    args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "tprop", *strip_nproc(argv)]
+    print(f"tprop train: launching {nproc} ranks: torchrun {' '.join(args)}", flush=True)
+    # torchrun in a process group of its own: a signal reaches it once, from here
+    proc = subprocess.Popen([sys.executable, "-c", _AGENT, *args], env=env, process_group=0)
+
+    def forward(signum: int, frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return 128 - rc if rc < 0 else rc
+
+
+def first_failure_status(failures: dict[int, Any]) -> int:
+    """The exit status to report for torchrun's failed ranks (``{rank: ProcessFailure}``):
+    the first to fail, preferring a rank's own failure to a consequence of another's (lost
+    contact, stopped by SIGTERM); a signal as 128 + its number."""
+
+    def status(f: Any) -> int:
+        code = int(getattr(f, "exitcode", 1) or 1)
+        return 128 - code if code < 0 else code
+
+    consequences = (EXIT_LOST_CONTACT, EXIT_TERMINATED)
+    order = sorted(failures, key=lambda r: (status(failures[r]) in consequences,
+                                            getattr(failures[r], "timestamp", 0), r))
+    return status(failures[order[0]]) if order else 1
+
+
+def run_agent(args: Sequence[str]) -> int:
+    """torchrun with ``args`` in this process (the child ``launch_local`` starts); the exit
+    status of :func:`first_failure_status`, without torchrun's own report."""
+    import logging
+
+    quiet = "LOGLEVEL" not in os.environ  # torchrun's own log level, if the user sets one
+    if quiet:
+        os.environ["LOGLEVEL"] = "CRITICAL"  # read as torchrun's modules make their loggers
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if quiet:
+        del os.environ["LOGLEVEL"]  # not passed on to the ranks
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(list(args)))
+    except ChildFailedError as e:
+        return first_failure_status(e.failures)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except Exception as e:  # noqa: BLE001 - the agent's own failure: one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"tprop train: torchrun failed: {reason}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -12,4 +12,22 @@ class CorpusError(ValueError):
     """A corpus cannot be found, read or tokenised; the message says what to do."""
 
 
+class RunDirError(ConfigError):
+    """A run directory cannot be used as asked (damaged or foreign files, another writer, a
+    write that failed); the message names the file and what to do."""
+
+
+class RunLocked(RunDirError):
+    """Another process is writing the run directory."""
+
+
+class DiskFull(RunDirError):
+    """A file of a run directory could not be written because its disk is full; the files
+    written before are intact."""
+
+
+class SigTerm(KeyboardInterrupt):
+    """SIGTERM arrived in a one-process ``tprop train``: it stops the run as Ctrl-C does."""
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CorpusError, FileNotFoundError)

@@ -478,8 +478,11 @@ def test_lookup_tprop_data_beats_cache(places):
     tagged_corpus(places["env-data"] / "ptb", "envdata")
     tagged_corpus(places["env-cache"] / "data" / "ptb", "cached")
     assert first_word("ptb") == "envdata"
-    # an explicit data_dir that holds nothing falls through to the next places
-    assert first_word("ptb", places["explicit"]) == "envdata"
+    # an explicit data_dir that holds nothing is refused, never looked past
+    with pytest.raises(CorpusError) as ei:
+        first_word("ptb", places["explicit"])
+    assert str(ei.value).startswith(f"--data-dir {places['explicit']} does not hold corpus "
+                                    "'ptb'")
     # the named corpus's own format is used (ptb is word level)
     assert load_corpus("ptb", use_cache=False).format == "word"
 
@@ -500,10 +503,43 @@ def test_lookup_incomplete_dir_is_skipped(places):
 
 def test_lookup_nothing_found_offline(places):
     with pytest.raises(CorpusError) as ei:
-        load_corpus("ptb", places["explicit"])
+        load_corpus("ptb")
     msg = str(ei.value)
     assert "TPROP_OFFLINE is set" in msg
-    for d in (places["explicit"], places["explicit"] / "ptb", places["env-data"] / "ptb",
-              places["env-cache"] / "data" / "ptb"):
+    for d in (places["env-data"] / "ptb", places["env-cache"] / "data" / "ptb"):
         assert str(d) in msg
     assert not (places["env-cache"] / "data" / "ptb").exists()
+
+
+def test_lookup_explicit_dir_is_used_or_refused(places):
+    """An explicit data_dir is the only place looked in (itself or its <name> subfolder): the
+    corpora of $TPROP_DATA and the cache are never used instead, nothing is downloaded, and the
+    error says what is missing where."""
+    tagged_corpus(places["env-data"] / "ptb", "envdata")
+    tagged_corpus(places["env-cache"] / "data" / "ptb", "cached")
+    explicit = places["explicit"]
+    nowhere = explicit / "no" / "such"
+    with pytest.raises(CorpusError) as ei:
+        load_corpus("ptb", nowhere)
+    assert str(ei.value) == f"--data-dir {nowhere}: no such directory"
+    # incomplete in both places: each is named with what it lacks
+    (explicit / "train.txt").write_text(" a \n")
+    (explicit / "ptb").mkdir()
+    (explicit / "ptb" / "valid.txt").write_text(" a \n")
+    with pytest.raises(CorpusError) as ei:
+        load_corpus("ptb", explicit)
+    msg = str(ei.value)
+    assert f"{explicit} lacks valid.txt, test.txt" in msg
+    assert f"{explicit / 'ptb'} lacks train.txt, test.txt" in msg
+    assert "envdata" not in msg and "\n" not in msg
+    # a bare directory (no corpus name) likewise
+    with pytest.raises(CorpusError) as ei:
+        load_corpus(None, nowhere)
+    assert str(ei.value) == f"--data-dir {nowhere}: no such directory"
+    with pytest.raises(CorpusError) as ei:
+        load_corpus(None, explicit)
+    assert f"{explicit} lacks valid.txt, test.txt" in str(ei.value)
+    # a file is not a directory
+    with pytest.raises(CorpusError, match="not a directory"):
+        load_corpus("ptb", explicit / "train.txt")
+    assert sorted(p.name for p in places["env-cache"].iterdir()) == ["data"]  # no tokens
