@@ -123,7 +123,8 @@ class TrainConfig:
                              optional=True, metavar="NAME", label="corpus")
     data_dir: str | None = _place(None, "directory holding train.txt, valid.txt, test.txt "
                                   "(alone: your own corpus; with --dataset: where that corpus "
-                                  "lies)", group="data", optional=True, metavar="DIR")
+                                  "lies, and there only)", group="data", optional=True,
+                                  metavar="DIR")
     format: str | None = _f(None, "tokenisation of --data-dir: word (default), ptb-char, "
                             "char (raw characters)", kind="choice", choices=FORMATS,
                             group="data", optional=True, show_default=False)

@@ -80,9 +80,19 @@ def plan(point: Point, run_dir: Path) -> tuple[str, str]:
             return "conflict", (f"{run_dir} holds a run with another config ("
                                 + "; ".join(diffs) + "); delete it to start this one afresh")
         if (run_dir / "last.pt").is_file():
+            epochs = int(point.config.get("epochs", DEFAULTS["epochs"]))
+            trained = max((r.get("epoch", 0) for r in _metrics(run_dir)), default=0)
+            if trained > epochs:
+                return "skip", f"kept: it has trained {trained} epochs, the spec asks {epochs}"
             return "resume", "continued from last.pt"
         return "resume", "restarted (no checkpoint)"
     return "new", ""
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    from ..rundir import RunDir
+
+    return RunDir(run_dir).read_metrics()
 
 
 def summary_result(summary: dict[str, Any] | None) -> dict[str, Any]:
@@ -106,7 +116,7 @@ def _corpus(cfg: Any) -> Any:
 
 
 def _train(task: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    from ..train import make_trainer, resume_trainer
+    from ..train import make_trainer, release, resume_trainer
 
     cfg = make_config(**task["config"])
     corpus = _corpus(cfg)
@@ -115,7 +125,10 @@ def _train(task: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                                  quiet=cfg.quiet, device=cfg.device, patience=cfg.patience)
     else:
         trainer = make_trainer(cfg, run_dir, corpus=corpus)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        release(trainer)  # the run directory's lock
 
 
 def _failure(e: Exception) -> dict[str, Any]:
@@ -133,10 +146,11 @@ def run_point(task: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
+    from ..errors import RunLocked
+
     run_dir = Path(task["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     err_file = run_dir / "error.txt"
-    err_file.unlink(missing_ok=True)
     threads_before = torch.get_num_threads()
     sink = contextlib.nullcontext() if task.get("verbose") else contextlib.redirect_stdout(
         io.StringIO())
@@ -144,10 +158,12 @@ def run_point(task: dict[str, Any]) -> dict[str, Any]:
     try:
         with sink:
             result = summary_result(_train(task, run_dir))
+        err_file.unlink(missing_ok=True)  # an earlier failure of this run, now trained
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of one run is recorded, never fatal
-        err_file.write_text(traceback.format_exc())
+        if not isinstance(e, RunLocked):  # the directory is another writer's: leave it be
+            err_file.write_text(traceback.format_exc())
         result = _failure(e)
     finally:
         torch.set_num_threads(threads_before)
