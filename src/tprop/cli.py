@@ -142,37 +142,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tprop {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
     t = sub.add_parser("train", help="train a model (writes a run directory)",
                        description="Train an RNN language model. Every flag is saved in the run "
                        "directory's config.json.")
     add_train_args(t)
+    for add in (add_eval_args, add_generate_args, add_data_args, add_analyse_args,
+                add_lab_commands):
+        add(sub)
+    return p
 
+
+def _run_args(q: argparse.ArgumentParser, device: str = "auto") -> None:
+    """What every command that reads a finished run takes."""
+    q.add_argument("run_dir", metavar="RUN_DIR")
+    q.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    q.add_argument("--device", choices=("auto", "cpu", "cuda"), default=device)
+
+
+def add_eval_args(sub: Any) -> None:
     e = sub.add_parser("eval", help="perplexity of a trained run on a split",
                        description="Evaluate a run's checkpoint on a split, state carried.")
-    e.add_argument("run_dir", metavar="RUN_DIR")
+    _run_args(e)
     e.add_argument("--split", choices=SPLITS, default="test")
-    e.add_argument("--checkpoint", choices=("best", "last"), default="best")
     e.add_argument("--eval-batch-size", type=_positive_int, default=None, metavar="B",
                    help="columns (default: the run's)")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--data-dir", metavar="DIR", help="where the corpus lies (default: as the run)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     g = e.add_argument_group("exact parallel recurrence (docs/parallel_time.md)")
     for name in EVAL_RECURRENCE:
         _add_field(g, name)
 
+
+def add_generate_args(sub: Any) -> None:
     g = sub.add_parser("generate", help="sample text from a trained run",
                        description="Sample text from a run's checkpoint.")
-    g.add_argument("run_dir", metavar="RUN_DIR")
+    _run_args(g)
     g.add_argument("--tokens", type=_positive_int, default=100, metavar="N")
     g.add_argument("--temperature", type=_positive_float, default=1.0, metavar="T")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default 1: one token at a time is batch-1 work)")
 
+
+def add_data_args(sub: Any) -> None:
     d = sub.add_parser("data", help="list, inspect and fetch corpora",
                        description="Named corpora: list them, print statistics, or fetch and "
                        "tokenise one ahead of time.")
@@ -189,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             q.add_argument("--json", action="store_true", help="print one JSON object")
     add_synth_args(dsub)
+
+
+def add_analyse_args(sub: Any) -> None:
     a = sub.add_parser("analyse", help="analyses of a trained run's dynamics",
                        description="Measure properties of a trained model's recurrence.")
     asub = a.add_subparsers(dest="analysis", metavar="ANALYSIS")
@@ -197,9 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="The largest Lyapunov exponent (per step) of the trained "
                          "cell driven by a split of its corpus, and the Jacobi sweeps it "
                          "predicts for the exact parallel recurrence (docs/parallel_time.md).")
-    ly.add_argument("run_dir", metavar="RUN_DIR")
+    _run_args(ly, device="cpu")
     ly.add_argument("--split", choices=SPLITS, default="valid")
-    ly.add_argument("--checkpoint", choices=("best", "last"), default="best")
     ly.add_argument("--columns", type=_positive_int, default=4, metavar="B",
                     help="independent stream columns averaged (default 4)")
     ly.add_argument("--steps", type=_positive_int, default=2000, metavar="T",
@@ -210,11 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also predict the Jacobi sweeps for blocks of K (default: the run's)")
     ly.add_argument("--untrained", action="store_true", help="the run's model as initialised "
                     "(its seed), before any training")
-    ly.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     ly.add_argument("--data-dir", metavar="DIR", help="where the corpus lies (default: as the run)")
     ly.add_argument("--json", action="store_true", help="print one JSON object")
-    add_lab_commands(sub)
-    return p
 
 
 def add_synth_args(dsub: Any) -> None:
