@@ -68,6 +68,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     # BPTT: DDP over 4 columns (2 per rank), updates of 2 windows
     ("bptt", dict(method="bptt", batch_size=4, update_freq=2, epochs=2, optim="adagrad",
                   lr=0.1)),
+    # the diagonal cells: DDP BPTT, and block-parallel PM
+    ("bptt-diag", dict(method="bptt", model="diag-gru", batch_size=4, epochs=2)),
+    ("pm-diag", dict(method="pm", model="diag-lstm", blocks_per_update="all", epochs=2,
+                     h_steps=2, h_optim="nag", h_lr=0.1)),
 ]
 
 
