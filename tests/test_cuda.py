@@ -84,3 +84,63 @@ def test_a_cuda_run_resumes_on_the_cpu(corpus_dir: Path, tmp_path: Path, float64
     assert [r["epoch"] for r in ms] == [1, 2, 3]
     for a, b in zip(mw, ms, strict=True):
         assert b["valid_ppl"] == pytest.approx(a["valid_ppl"], rel=1e-8, abs=0)
+
+
+# --------------------------------------------------------------------------- the exact recurrence
+@pytest.mark.parametrize("cell,nlayers,recurrence", [("lstm", 2, "jacobi"), ("gru", 1, "newton"),
+                                                     ("diag-lstm", 1, "newton"),
+                                                     ("diag-gru", 2, "quasi-newton")])
+def test_e2_on_cuda_matches_the_cpu_reference(float64, cell: str, nlayers: int,
+                                              recurrence: str) -> None:
+    """The exact parallel recurrence on the GPU (cuDNN units, the scans) equals sequential
+    BPTT on the CPU (the model's own sequential pass, which the CPU tests tie to written-out
+    step-by-step loops)."""
+    import torch.nn.functional as F
+    from test_recurrence import grads, parallel_loss, settings
+    from test_recurrence import make_model as make_rec_model
+
+    model = make_rec_model(cell, nlayers)
+    K, M, B = 1 if cell.startswith("diag") else 3, 5, 3
+    T = K * M - (1 if K > 1 else 0)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 13, (T, B), generator=g)
+    y = torch.randint(0, 13, (T, B), generator=g)
+    s0 = 0.4 * torch.rand(B, model.state_dim, generator=g, dtype=torch.float64)
+    logits, _ = model(x, model.unflatten_state(s0))
+    want_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    want = grads(want_loss, model)
+    work = copy.deepcopy(model).cuda()
+    loss, _, _ = parallel_loss(work, x.cuda(), y.cuda(), s0.cuda(), K,
+                               settings(recurrence=recurrence))
+    got = grads(loss, work)
+    assert abs(float(loss.detach()) / float(want_loss.detach()) - 1) < 1e-10
+    for a, b in zip(got, want):
+        assert rel(a.cpu(), b) < 1e-10
+
+
+def test_exact_run_on_cuda_equals_the_cpu(corpus_dir: Path, tmp_path: Path) -> None:
+    kw = dict(method="bptt", recurrence="jacobi", bptt=12, block_size=3, batch_size=2,
+              rec_tol=1e-12, dtype="float64", epochs=2)
+    train(cfg_for(corpus_dir, device="cpu", **kw), tmp_path / "cpu")
+    train(cfg_for(corpus_dir, device="cuda", **kw), tmp_path / "cuda")
+    for a, b in zip(metrics(tmp_path / "cpu"), metrics(tmp_path / "cuda")):
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-9)
+        assert b["fwd_iters_mean"] == a["fwd_iters_mean"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cuda(corpus_dir: Path, tmp_path: Path,
+                                        precision: str) -> None:
+    """bf16 and fp16 (with the gradient scaler) train BPTT on the GPU; the parameters and the
+    checkpoint stay float32; the run resumes."""
+    kw = dict(method="bptt", precision=precision, epochs=2, batch_size=2, optim="sgd", lr=1.0,
+              dtype=None)
+    summary = train(cfg_for(corpus_dir, device="cuda", **kw), tmp_path / "run")
+    assert summary["status"] == "finished"
+    ckpt = last_ckpt(tmp_path / "run")
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+    if precision == "fp16":
+        assert "scaler" in ckpt["method_state"]
+    tr = resume_trainer(tmp_path / "run", epochs=3)
+    tr.fit()
+    assert metrics(tmp_path / "run")[-1]["epoch"] == 3
