@@ -493,11 +493,9 @@ def test_comm_check_script_with_gloo(tmp_path: Path) -> None:
     """scripts/comm_check.py (the single-GPU NCCL check of docs/distributed.md) passes with
     gloo on 2 ranks: every DistComm operation returns what it must."""
     script = TESTS.parent / "scripts" / "comm_check.py"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", str(script), "--backend", "gloo"],
-                         env=env_for(tmp_path), cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    lines = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+    runs = finish(start_ranks([str(script), "--backend", "gloo"], 2, tmp_path))
+    assert [rc for rc, _ in runs] == [0, 0], "\n".join(t[-2000:] for _, t in runs)
+    lines = [json.loads(ln) for _, text in runs for ln in text.splitlines()
+             if ln.startswith("{")]
     assert len(lines) == 2 and all(all(v for k, v in ln.items() if isinstance(v, bool))
                                    for ln in lines)
