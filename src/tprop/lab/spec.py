@@ -65,6 +65,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +74,6 @@ from typing import Any
 from ..config import META, ConfigError, field_of, flag_of
 from ..config import check_value as check_value_of
 from .corpora import DataTableError, check_data, data_table
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
 
 
 class SpecError(ConfigError):

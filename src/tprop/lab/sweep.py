@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,6 @@ from .expand import Point, expand
 from .pool import run_parallel
 from .runner import plan, run_point, summary_result
 from .spec import Spec, SpecError, canon_key, check_value, display_key, load_spec, resolve
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
 
 
 @dataclass
