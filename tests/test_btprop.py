@@ -15,6 +15,7 @@ from test_objective import ref_block, ref_sequential
 
 import tprop.btprop as btp
 from tprop.cli import main
+from tprop.comm import SpanShard
 from tprop.config import ConfigError, TrainConfig, make_config
 from tprop.objective import BlockProblem
 from tprop.rundir import RunDir
@@ -308,6 +309,32 @@ def test_initialisation_passes_run_without_dropout(corpus_dir: Path, float64) ->
                               atol=1e-12)
         tr.cfg.h_init = "forward-parallel"
     assert tr.model.training
+
+
+@pytest.mark.parametrize("cell,nlayers", [("gru", 2), ("lstm", 1), ("lstm", 2),
+                                           ("diag-lstm", 2)])
+def test_forward_initialisation_of_a_ranks_shard(corpus_dir: Path, float64, cell: str,
+                                                 nlayers: int) -> None:
+    """A rank's forward-initialised free states are its rows of the sequential pass through
+    the whole span, from the carried state (none for a rank without blocks)."""
+    tr = make_trainer(cfg_for(corpus_dir, model=cell, nlayers=nlayers, blocks_per_update=8))
+    D = tr.model.state_dim
+    carried = torch.rand(1, D, generator=torch.Generator().manual_seed(2)) - 0.5
+    P = dict(tr.model.named_parameters())
+    a, b = 8, 16
+    with torch.no_grad():
+        if cell.startswith("diag-"):  # the module over blocks a … j as one sequence
+            m, flat = tr.model, tr.blocks.inputs[a:b].reshape(-1, 1)
+            seq = torch.cat([m.flatten_state(m.rnn(m.encoder(flat[:(j + 1) * K]),
+                                                   m.unflatten_state(carried))[1])
+                             for j in range(b - a)])
+        else:
+            seq = ref_sequential(P, tr.model, tr.blocks.inputs[a:b].t(), carried)
+    for s, e in ((a, b), (a, a + 3), (a + 3, a + 6), (a + 6, b), (b, b)):
+        sp = SpanShard(a, b, s, e, 0, 2)
+        got = tr.initial_free_states(sp, carried)
+        assert got.shape == (e - s, D)
+        assert torch.allclose(got, seq[s - a:e - a], rtol=1e-10, atol=1e-12), (s, e)
 
 
 def test_stored_states_and_duals_carry_no_autograd_history(corpus_dir: Path) -> None:

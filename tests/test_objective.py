@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tprop.objective as objective_module
 from tprop.models import RNNLM
 from tprop.objective import (
     BlockProblem,
@@ -340,6 +341,73 @@ def test_evaluate_without_gradients_accumulates_nothing() -> None:
     assert abs(res.residual - float(resid)) <= 1e-10 * float(resid)
 
 
+@pytest.mark.parametrize("theta,states", [(True, False), (False, True), (True, True)])
+def test_evaluate_without_measuring_gives_the_same_gradients(theta: bool, states: bool) -> None:
+    """A pass wanted for its gradients only (``measure=False``) accumulates the very same
+    gradients and returns an empty record."""
+    model = make_model("lstm", 2)
+    x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=16)
+    grads = []
+    for measure in (True, False):
+        model.zero_grad(set_to_none=True)
+        prob = BlockProblem(model, x, y, z0, Z, 0.9, U.clone(), chunk_blocks=3)
+        res = prob.evaluate(theta=theta, states=states, measure=measure)
+        grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()]
+                     + [prob.w.grad])
+        if measure:
+            assert res.ce > 0 and res.penalty > 0 and res.residual > 0
+        else:
+            assert (res.ce, res.penalty, res.residual, res.token_ce) == (0.0, 0.0, 0.0, None)
+    for a, b in zip(*grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_residuals_are_final_states_minus_free_states() -> None:
+    model = make_model("gru", 2)
+    x, y, z0, Z, _ = make_data(3, 5, model.state_dim, seed=17)
+    prob = BlockProblem(model, x, y, z0, Z, 1.0, chunk_blocks=2)
+    with torch.no_grad():
+        _, _, _, finals, _ = ref_J(params_of(model), model, x, y, z0, Z, 1.0)
+    assert close(prob.residuals(), finals - Z)
+    assert close(prob.residuals(), prob.final_states() - prob.z)
+
+
+@pytest.mark.parametrize("cell,nlayers", [("rnn", 1), ("lstm", 2)])
+def test_a_kept_pass_gives_the_same_evaluation(cell: str, nlayers: int) -> None:
+    """``residuals(keep=True)``: the same residuals, and the next evaluation in θ, reusing the
+    pass, gives the same terms and gradients as one that runs the recurrence itself."""
+    model = make_model(cell, nlayers)
+    x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=18)
+    got = []
+    for keep in (False, True):
+        model.zero_grad(set_to_none=True)
+        prob = BlockProblem(model, x, y, z0, Z, 0.8, U.clone())
+        r = prob.residuals(keep=keep)
+        assert not r.requires_grad and (prob._kept is not None) == keep
+        res = prob.evaluate(theta=True)
+        assert prob._kept is None  # used once
+        got.append((r, res, [p.grad.clone() for p in model.parameters()], prob.last_final))
+    (r0, t0, g0, f0), (r1, t1, g1, f1) = got
+    assert close(r1, r0) and close(f1, f0)
+    assert t1.ce == pytest.approx(t0.ce, rel=1e-12)
+    assert t1.penalty == pytest.approx(t0.penalty, rel=1e-12)
+    for a, b in zip(g0, g1):
+        assert close(a, b)
+
+
+def test_a_kept_pass_is_only_for_one_chunk_and_the_next_evaluation() -> None:
+    model = make_model("gru", 1)
+    x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=19)
+    chunked = BlockProblem(model, x, y, z0, Z, 1.0, U.clone(), chunk_blocks=2)
+    assert close(chunked.residuals(keep=True), chunked.residuals())
+    assert chunked._kept is None
+    prob = BlockProblem(model, x, y, z0, Z, 1.0, U.clone())
+    prob.residuals(keep=True)
+    model.zero_grad(set_to_none=True)
+    prob.evaluate(states=True)  # not an evaluation in θ alone: the pass is dropped
+    assert prob._kept is None and all(p.grad is None for p in model.parameters())
+
+
 # --------------------------------------------------------------------------- forward init
 @pytest.mark.parametrize("cell,nlayers", CASES)
 def test_forward_init_gives_zero_residuals(cell: str, nlayers: int) -> None:
@@ -360,6 +428,87 @@ def test_forward_init_gives_zero_residuals(cell: str, nlayers: int) -> None:
     # and a non-forward initialisation has non-zero residuals (the check can fail)
     prob0 = BlockProblem(model, x, y, z0, torch.zeros_like(z), 2.0)
     assert (prob0.final_states() - prob0.z).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("K", [1, 4])
+@pytest.mark.parametrize("cell,nlayers", CASES)
+def test_forward_states_equal_a_step_by_step_pass(cell: str, nlayers: int, K: int) -> None:
+    """The forward initialisation is the sequential pass, step by step, block after block:
+    every row, and a span's partial use of rows (a rank's rows: its blocks of the span)."""
+    model = make_model(cell, nlayers, seed=3, init_range=0.8)  # large cell states too
+    M = 9
+    x, _, z0, _, _ = make_data(K, M, model.state_dim, seed=21, scale=0.9)
+    with torch.no_grad():
+        ref = ref_sequential(params_of(model), model, x, z0)
+    z = forward_states(model, x, z0)
+    assert z.shape == (M, model.state_dim) and not z.requires_grad
+    assert close(z, ref)
+    for rows in ([3, 4, 5], [0], [M - 1], [6, 2, 7]):
+        got = forward_states(model, x, z0, rows=torch.tensor(rows))
+        assert close(got, ref[rows]), rows
+    assert forward_states(model, x, z0, rows=torch.zeros(0, dtype=torch.long)).shape == (
+        0, model.state_dim)
+
+
+@pytest.mark.parametrize("cell,nlayers", [("gru", 2), ("lstm", 1), ("lstm", 2)])
+def test_forward_states_in_several_passes(monkeypatch: pytest.MonkeyPatch, cell: str,
+                                          nlayers: int) -> None:
+    """A span longer than one pass is run in several, each from the last one's final state."""
+    model = make_model(cell, nlayers, seed=4)
+    K, M = 3, 11
+    x, _, z0, _, _ = make_data(K, M, model.state_dim, seed=22)
+    with torch.no_grad():
+        ref = ref_sequential(params_of(model), model, x, z0)
+    assert close(forward_states(model, x, z0), ref)  # one pass
+    monkeypatch.setattr(objective_module, "_SPAN_STEPS", 4 * K)  # passes of 4 blocks
+    assert close(forward_states(model, x, z0), ref)
+    rows = torch.tensor([2, 5, 6, 9])
+    assert close(forward_states(model, x, z0, rows=rows), ref[rows])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 13])
+def test_cell_states_composed_across_blocks_are_the_recurrence(n: int) -> None:
+    """c_j = coef_j ⊙ c_{j−1} + val_j, j = 0 … n−1 from c0, against the loop."""
+    g = torch.Generator().manual_seed(n)
+    coef, val, c0 = torch.rand(n, 6, generator=g), torch.randn(n, 6, generator=g), \
+        torch.randn(6, generator=g)
+    ref, c = [], c0
+    for j in range(n):
+        c = coef[j] * c + val[j]
+        ref.append(c)
+    before = (coef.clone(), val.clone())
+    assert close(objective_module._compose_blocks(coef, val, c0), torch.stack(ref))
+    assert torch.equal(coef, before[0]) and torch.equal(val, before[1])  # inputs untouched
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_forward_states_run_without_dropout(cell: str) -> None:
+    """In training mode with dropout (embedding and between layers) the pass is still the
+    no-dropout recurrence, and the model stays in training mode."""
+    torch.manual_seed(5)
+    model = RNNLM(V, E, H, 2, cell, dropout=0.5, init_range=0.4).double().train()
+    x, _, z0, _, _ = make_data(4, 6, model.state_dim, seed=23)
+    with torch.no_grad():
+        ref = ref_sequential(params_of(model), model, x, z0)
+    assert close(forward_states(model, x, z0), ref)
+    assert model.training
+
+
+@pytest.mark.parametrize("cell", ["diag-gru", "diag-lstm"])
+@pytest.mark.parametrize("nlayers", [1, 2])
+def test_forward_states_of_diagonal_cells(cell: str, nlayers: int) -> None:
+    """Cells that are not torch's fused kernels: the state after block j is that of the
+    module run over blocks 0 … j as one sequence."""
+    model = make_model(cell, nlayers, seed=6)
+    K, M = 3, 5
+    x, _, z0, _, _ = make_data(K, M, model.state_dim, seed=24)
+    with torch.no_grad():
+        seq = x.t().reshape(-1, 1)  # the blocks one after another, one column
+        ref = torch.cat([model.flatten_state(model.rnn(model.encoder(seq[:(j + 1) * K]),
+                                                       model.unflatten_state(z0))[1])
+                         for j in range(M)])
+    assert close(forward_states(model, x, z0), ref)
+    assert close(forward_states(model, x, z0, rows=torch.tensor([1, 3])), ref[[1, 3]])
 
 
 def _check_z_detached(arctanh: bool) -> None:

@@ -269,6 +269,34 @@ def test_admm_dual_after_forward_init_h_steps_uses_moved_states() -> None:
     assert float((seen["dual"] - u0).norm()) > 1e-4
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_admm_forward_init_update_reusing_the_dual_pass(dropout: float) -> None:
+    """ADMM with forward initialisation: its θ-steps reuse the dual step's pass; the update is
+    the one of a dual step and θ-steps that each run the recurrence themselves (with dropout,
+    the first θ-step sees the dual pass's masks)."""
+    torch.manual_seed(0)
+    model = RNNLM(11, 4, 5, 2, "lstm", dropout=dropout, init_range=0.4).double().train()
+    settings = SolverSettings(h_steps=1, h_optim="sgd", h_lr=0.5, theta_steps=3, u_start=1,
+                              u_lr=0.7, h_init="forward", clip=0.0)
+    out = []
+    for reuse in (True, False):
+        work = copy.deepcopy(model)
+        prob, _ = forward_problem(work, 3, 4, lam=1.2, dual=True)
+        solver = ADMM(work, torch.optim.SGD(work.parameters(), lr=0.3), settings)
+        if not reuse:  # the same pieces, each running its own pass
+            solver.dual_step = lambda problem, before_theta=False, _f=solver.dual_step: _f(
+                problem)
+        torch.manual_seed(1)
+        solver.step(prob, epoch=1)
+        out.append((flat(work.parameters()).detach(), prob.dual.clone(), prob.z))
+    (pa, ua, za), (pb, ub, zb) = out
+    assert torch.equal(za, zb)
+    if dropout == 0:
+        assert rel(pa, pb) < 1e-12 and rel(ua, ub) < 1e-12
+    else:  # other masks in the reference's extra pass: the updates differ, both finite
+        assert torch.isfinite(pa).all() and not torch.equal(pa, pb)
+
+
 def test_alm_dual_step_from_u_start_after_joint_steps() -> None:
     model = make_model("lstm", 1)
     x, y, z0, Z, U = make_data(3, 4, model.state_dim, seed=7)
@@ -416,6 +444,26 @@ def test_theta_steps_normalise_by_blocks_and_clip() -> None:
         assert rel(flat(rec[0]), expect) < 1e-10
         assert not torch.allclose(flat(rec[1]), flat(rec[0]))  # re-evaluated after each step
     assert float((gP / M).norm()) > 0.1  # the clip was active
+
+
+def test_theta_steps_record_the_terms_of_their_first_evaluation() -> None:
+    """Only the first θ-step's evaluation is measured: the terms at θ before any step."""
+    model = make_model("gru", 2)
+    K, M, lam = 3, 4, 0.7
+    x, y, z0, Z, U = make_data(K, M, model.state_dim, seed=15)
+    with torch.no_grad():
+        _, ce, pen, _, resid = ref_J(params_of(model), model, x, y, z0, Z, lam, U)
+    prob = BlockProblem(model, x, y, z0, Z, lam, U.clone())
+    solver = PenaltyMethod(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                           SolverSettings(theta_steps=3, lam=lam))
+    stats = UpdateStats()
+    solver.theta_steps(prob, stats)
+    assert stats.theta_steps == 3
+    assert stats.ce == pytest.approx(float(ce), rel=1e-10)
+    assert stats.penalty == pytest.approx(float(pen), rel=1e-10)
+    assert stats.residual == pytest.approx(float(resid), rel=1e-10) and float(resid) > 1e-3
+    after = prob.evaluate()  # the steps moved θ: the terms now differ
+    assert abs(after.penalty - float(pen)) > 1e-6 * float(pen)
 
 
 @pytest.mark.parametrize("method", ["pm", "admm"])

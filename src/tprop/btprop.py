@@ -123,8 +123,10 @@ class BTPROPTrainer(Trainer):
         if self.batch_mode:
             return self.Z
         if h_init == "forward":  # the span up to this rank's last block, on every rank
-            return forward_states(self.model, self.blocks.inputs[sp.a:sp.b].t(), carried,
-                                  rows=torch.arange(sp.s - sp.a, sp.e - sp.a))
+            if sp.size == 0:
+                return carried.new_zeros(0, self.model.state_dim)
+            states = forward_states(self.model, self.blocks.inputs[sp.a:sp.e].t(), carried)
+            return states[sp.s - sp.a:]
         if h_init == "forward-parallel":
             return self.parallel_pass(sp, carried)
         if h_init == "zero":
@@ -141,6 +143,7 @@ class BTPROPTrainer(Trainer):
         k = cfg.bptt
         carried = self._zero_state()
         tot, h_steps = Terms(), 0
+        pending: list[float] | None = None  # this rank's terms since they were last summed
         lam = self.solver.lam
         bar = self.progress(len(self.plan), f"epoch {epoch}")
         t0 = time.perf_counter()
@@ -158,9 +161,13 @@ class BTPROPTrainer(Trainer):
                 self.Z[sp.lo:sp.hi] = problem.z
             if cfg.positional_ppl and stats.token_ce is None:  # a rank without blocks
                 stats.token_ce = torch.zeros(k)
-            tot = tot + Terms.from_vector(comm.sum(stats.vector()), cfg.positional_ppl)
+            vec = stats.vector()
+            pending = vec if pending is None else [a + b for a, b in zip(pending, vec)]
             h_steps += stats.h_steps
-            self._progress(bar, epoch, i + 1, len(self.plan), tot, sp.b, t0)
+            if self._reports(i + 1, len(self.plan)):  # sum over the ranks now and then only
+                tot = tot + Terms.from_vector(comm.sum(pending), cfg.positional_ppl)
+                pending = None
+                self._progress(bar, epoch, i + 1, tot, sp.b, t0)
         bar.close()
         self.solver.end_epoch()
         return self._epoch_stats(tot, h_steps, lam)
@@ -185,11 +192,14 @@ class BTPROPTrainer(Trainer):
             out["positional_ppl"] = [math.exp(min(v / n, 700.0)) for v in tot.token_ce.tolist()]
         return out
 
-    def _progress(self, bar: Any, epoch: int, done: int, total: int, tot: Terms,
-                  blocks: int, t0: float) -> None:
-        """Every 20 updates: stop on divergence, refresh the progress bar."""
-        if done % 20 and done != total:
-            return
+    @staticmethod
+    def _reports(done: int, total: int) -> bool:
+        """Whether the progress is reported after ``done`` of ``total`` updates: every 20."""
+        return done % 20 == 0 or done == total
+
+    def _progress(self, bar: Any, epoch: int, done: int, tot: Terms, blocks: int,
+                  t0: float) -> None:
+        """Stop on divergence, refresh the progress bar."""
         mean = tot.ce / blocks  # Σ_j L_j / K over the first `blocks` blocks -> per token
         self.check_finite(mean, f"epoch {epoch}, update {done}")
         bar.update(done - bar.n)

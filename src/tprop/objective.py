@@ -26,13 +26,14 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from torch import _VF
 
 from .comm import LOCAL, LocalComm, SpanShard
 from .constraints import StateParam, StateTerms, extra_terms, make_state_param
 from .models import RNNLM, eval_mode, frozen
 
 __all__ = ["BlockProblem", "StateParam", "Terms", "block_terms", "default_chunk",
-           "forward_states", "frozen", "objective"]
+           "forward_states", "frozen", "objective", "run_blocks"]
 
 
 @dataclass
@@ -99,6 +100,8 @@ def block_terms(
     skip_loss: int = 0,
     keep_token_ce: bool = False,
     terms: StateTerms | None = None,
+    residual: bool = True,
+    recurrence: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Terms, torch.Tensor]:
     """J's terms for blocks given time-major ``(K, M)`` inputs/targets, entering states
     ``(M, D)``, the free states they should reach ``(M, D)`` and duals; and the blocks' final
@@ -107,17 +110,19 @@ def block_terms(
     ``skip_loss`` leaves the first blocks' cross entropy out (their decoder is not run): an
     h-step does this for a block whose entering state is fixed, its loss being constant.
     ``terms`` (``tprop.constraints``) adds the KL and l1 terms and may drop the squared
-    distance (``penalty="kl"``: then ``penalty`` is 0 and the duals are not read).
+    distance (``penalty="kl"``: then ``penalty`` is 0 and the duals are not read). Without
+    ``residual`` the residual is not computed (0). ``recurrence``: the blocks' top-layer
+    outputs and final states ``(out, F)`` when the recurrence has already been run (by
+    :func:`run_blocks`).
     """
     k = inputs.shape[0]
-    out, state = model.recur(inputs, model.unflatten_state(entering))
-    final = model.flatten_state(state)
+    out, final = recurrence if recurrence is not None else run_blocks(model, inputs, entering)
     hidden = out[:, skip_loss:].reshape(-1, out.shape[-1])  # 2-D: one matmul, not a bmm
     logits = model.decode(hidden)
     tok = F.cross_entropy(logits, targets[:, skip_loss:].reshape(-1), reduction="none")
-    t = Terms(ce=tok.sum() / k,
-              residual=(final.detach() - next_states.detach()).norm(dim=1).sum(),
-              token_ce=tok.detach().view(k, -1) if keep_token_ce else None)
+    t = Terms(ce=tok.sum() / k, token_ce=tok.detach().view(k, -1) if keep_token_ce else None)
+    if residual:
+        t.residual = (final.detach() - next_states.detach()).norm(dim=1).sum()
     if terms is None or terms.l2:
         r = final - next_states
         if dual is not None:
@@ -126,6 +131,15 @@ def block_terms(
     if terms is not None:
         t.kl, t.l1 = extra_terms(model, final, next_states, terms)
     return t, final
+
+
+def run_blocks(model: RNNLM, inputs: torch.Tensor, entering: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks' recurrence (one call, the block index as the batch dimension) from their
+    entering states ``(M, D)``: top-layer outputs ``(K, M, H)`` (dropout applied) and final
+    states ``F_j`` ``(M, D)``."""
+    out, state = model.recur(inputs, model.unflatten_state(entering))
+    return out, model.flatten_state(state)
 
 
 def objective(
@@ -181,6 +195,7 @@ class BlockProblem:
         self.lam = lam
         self.chunk = chunk_blocks or default_chunk(self.block_size, model.ntoken)
         self.last_final: torch.Tensor | None = None
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None  # see residuals(keep=)
         self.comm = comm
         self.total_blocks = shard.total if shard is not None else self.num_blocks
         nonempty = shard.nonempty if shard is not None else 1
@@ -239,10 +254,13 @@ class BlockProblem:
 
     # ------------------------------------------------------------------ passes
     def evaluate(self, *, theta: bool = False, states: bool = False,
-                 token_ce: bool = False) -> Terms:
+                 token_ce: bool = False, measure: bool = True) -> Terms:
         """Evaluate J over all blocks, accumulating ``.grad`` of the parameters (``theta``) and/or
         of ``w`` (``states``); nothing is normalised here. Without ``theta`` the first block's
-        cross entropy (constant in Z) is not computed and not included in ``ce``."""
+        cross entropy (constant in Z) is not computed and not included in ``ce``. Returns the
+        terms measured (floats); without ``measure``, for a pass wanted for its gradients
+        only, an empty record (and the residual is not computed)."""
+        kept, self._kept = self._kept, None
         self._receive_entering(states)
         w = self.w if states else self.w.detach()
         total = Terms()
@@ -253,13 +271,15 @@ class BlockProblem:
                 entering, nxt = self._entering(w, c0, c1)
                 dual = self.dual[c0:c1] if self.dual is not None else None
                 skip = 1 if (c0 == 0 and not theta and self.entering_fixed) else 0
+                rec = kept if theta and not states else None  # (one chunk: see residuals)
                 t, final = block_terms(self.model, self.inputs[:, c0:c1],
                                        self.targets[:, c0:c1], entering, nxt, self.lam, dual,
-                                       skip_loss=skip, keep_token_ce=token_ce,
-                                       terms=self.terms)
+                                       skip_loss=skip, keep_token_ce=token_ce and measure,
+                                       terms=self.terms, residual=measure, recurrence=rec)
                 if theta or states:
                     t.total.backward()
-                total = total + t.measured()
+                if measure:
+                    total = total + t.measured()
                 if c1 == self.num_blocks:
                     self.last_final = final[-1:].detach()
         if states:
@@ -269,14 +289,32 @@ class BlockProblem:
     @torch.no_grad()
     def final_states(self) -> torch.Tensor:
         """``F_j`` for every block at the current θ and Z (recurrence only, no decoder)."""
+        return self._finals(self.z)
+
+    def residuals(self, keep: bool = False) -> torch.Tensor:
+        """``r_j = F_j(θ, z_j) − z_{j+1}`` for every block at the current θ and Z (no autograd
+        history). With ``keep`` the pass is differentiable in θ and kept for the next
+        evaluation, which then does not run the recurrence again: only for an evaluation in θ
+        alone at the same θ and Z, e.g. ADMM's θ-steps right after its dual step (one chunk
+        of blocks only; otherwise nothing is kept). Any other evaluation discards it."""
+        z = self.z
+        if not (keep and 0 < self.num_blocks <= self.chunk):
+            with torch.no_grad():
+                return self._finals(z).sub_(z)
+        self._receive_entering(False)
+        entering = torch.cat([self.z_fixed, z[:-1]], 0)
+        with torch.enable_grad():
+            self._kept = run_blocks(self.model, self.inputs, entering)
+        return self._kept[1].detach() - z
+
+    def _finals(self, z: torch.Tensor) -> torch.Tensor:
         self._receive_entering(False)
         if self.num_blocks == 0:
             return self.w.new_zeros(0, self.w.shape[1])
-        z = self.z
         entering = torch.cat([self.z_fixed, z[:-1]], 0)
         outs = [self.model.final_state_flat(self.inputs[:, c0:c1], entering[c0:c1])
                 for c0, c1 in self._chunks()]
-        return torch.cat(outs, 0)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
     def carried_out(self) -> torch.Tensor:
         """The update's last final state (on the last rank holding blocks), on every rank."""
@@ -297,21 +335,119 @@ def forward_states(model: RNNLM, inputs: torch.Tensor, z_start: torch.Tensor,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """States after each block when the recurrence runs through the blocks in sequence from
     ``z_start`` (1, D): row j is the state after block j (only the blocks ``rows``, in that
-    order, when given). Runs in eval mode (no dropout)."""
-    nblocks = inputs.shape[1]
-    keep = torch.arange(nblocks) if rows is None else rows
-    where = torch.full((nblocks,), -1, dtype=torch.long)
-    where[keep] = torch.arange(len(keep))
-    out = z_start.new_empty(len(keep), z_start.shape[1])
-    last = int(keep.max()) + 1 if len(keep) else 0
-    with eval_mode(model):
-        state = model.unflatten_state(z_start)
-        step = 4096  # blocks embedded at a time (memory)
-        for c0 in range(0, last, step):
-            emb = model.encoder(inputs[:, c0:min(c0 + step, last)])  # (K, blocks, E)
-            for j in range(c0, min(c0 + step, last)):
-                _, state = model.rnn(emb[:, j - c0:j - c0 + 1], state)
-                i = int(where[j])
-                if i >= 0:
-                    out[i] = model.flatten_state(state)[0]
+    order, when given). The recurrence runs as in eval mode (no dropout)."""
+    if rows is not None and len(rows) == 0:
+        return z_start.new_empty(0, z_start.shape[1])
+    last = inputs.shape[1] if rows is None else int(rows.max()) + 1
+    if last == 0:
+        return z_start.new_empty(0, z_start.shape[1])
+    # torch's fused kernels are called without dropout; other cells run in eval mode
+    fused = _fused_stack(model.rnn)
+    run = _span_states if fused else _block_states
+    per_pass = max(1, _SPAN_STEPS // max(1, inputs.shape[0]))  # blocks
+    with nullcontext() if fused else eval_mode(model):
+        if last <= per_pass:  # one pass
+            states = run(model, inputs[:, :last], z_start)
+            return states if rows is None else states[rows.to(states.device)]
+        keep = torch.arange(last) if rows is None else rows.cpu()
+        where = torch.full((last,), -1, dtype=torch.long)
+        where[keep] = torch.arange(len(keep))
+        out = z_start.new_empty(len(keep), z_start.shape[1])
+        state = z_start
+        for c0 in range(0, last, per_pass):  # several passes, to bound memory
+            c1 = min(c0 + per_pass, last)
+            states = run(model, inputs[:, c0:c1], state)
+            state = states[-1:]
+            pick = where[c0:c1]
+            sel = pick >= 0
+            out[pick[sel].to(out.device)] = states[sel.to(out.device)]
     return out
+
+
+_SPAN_STEPS = 1 << 15  # steps that forward_states runs through in one pass (memory)
+
+
+def _fused_stack(rnn: torch.nn.Module) -> bool:
+    """Whether ``rnn`` is a plain stack of torch's fused kernels, which forward_states runs
+    one layer at a time over a whole span."""
+    return (isinstance(rnn, torch.nn.RNNBase) and rnn.mode in _VF_CALLS
+            and not rnn.bidirectional and not rnn.batch_first
+            and getattr(rnn, "proj_size", 0) == 0)
+
+
+_VF_CALLS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh,
+             "RNN_RELU": _VF.rnn_relu}
+
+
+def _span_states(model: RNNLM, inputs: torch.Tensor, z_start: torch.Tensor) -> torch.Tensor:
+    """The states after each of the blocks ``inputs`` (K, n), run in sequence from
+    ``z_start`` (1, D): one recurrent call per layer over all n·K steps (a fused stack)."""
+    rnn, (k, n) = model.rnn, inputs.shape
+    L, H = model.nlayers, model.nhid
+    lstm = rnn.mode == "LSTM"
+    x = model.encoder(inputs.t().reshape(-1, 1))  # (n·K, 1, E): the blocks one after another
+    native = z_start.reshape(-1, H).unsqueeze(1)  # (L or 2L, 1, H): [h_0 … h_{L−1}, c_0 …]
+    hs, cs = [], []
+    for layer in range(L):
+        weights = rnn.all_weights[layer]  # [w_ih, w_hh(, b_ih, b_hh)]
+        h0 = native[layer:layer + 1].contiguous()
+        if lstm:
+            c0 = native[L + layer:L + layer + 1].contiguous()
+            y = _VF.lstm(x, (h0, c0), weights, rnn.bias, 1, 0.0, False, False, False)[0]
+            cs.append(_lstm_cells(x[:, 0], y[:, 0], h0[0], c0[0], weights, k))
+        else:
+            y = _VF_CALLS[rnn.mode](x, h0, weights, rnn.bias, 1, 0.0, False, False, False)[0]
+        hs.append(y.view(n, k, H)[:, -1])
+        x = y
+    return torch.cat(hs + cs, 1)
+
+
+def _lstm_cells(x: torch.Tensor, y: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                weights: list[torch.Tensor], k: int) -> torch.Tensor:
+    """An LSTM layer's cell states after each block of ``k`` steps ``(n, H)``, given the
+    layer's inputs ``x`` (n·k, E) and outputs ``y`` (n·k, H) from ``h0``, ``c0`` (1, H): the
+    input, forget and cell gates of every step by matmuls over all steps at once, then the
+    elementwise linear recurrence c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t, composed within every
+    block (all blocks at once), then scanned across the blocks."""
+    hid = h0.shape[-1]
+    w_ih, w_hh = weights[0][:3 * hid], weights[1][:3 * hid]  # gates i, f, g (not o)
+    if len(weights) > 2:
+        gates = torch.addmm(weights[2][:3 * hid] + weights[3][:3 * hid], x, w_ih.t())
+    else:
+        gates = x @ w_ih.t()
+    gates[1:].addmm_(y[:-1], w_hh.t())  # the previous step's h
+    gates[:1].addmm_(h0, w_hh.t())
+    act = torch.sigmoid(gates[:, :2 * hid])  # (activations of 2-D views: the fast kernels)
+    b = (act[:, :hid] * torch.tanh(gates[:, 2 * hid:])).view(-1, k, hid)  # i ⊙ g (n, k, H)
+    f = act[:, hid:].view(-1, k, hid)
+    # block j maps c ↦ coef_j ⊙ c + val_j, composed step by step
+    fs, bs = f.unbind(1), b.unbind(1)
+    val = bs[0]
+    for t in range(1, k):
+        val = torch.addcmul(bs[t], fs[t], val)
+    return _compose_blocks(f.prod(1), val, c0[0])
+
+
+def _compose_blocks(coef: torch.Tensor, val: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
+    """``c_j = coef_j ⊙ c_{j−1} + val_j`` for every j (dim 0) from ``c_{−1} = c0``: an
+    inclusive scan by doubling, in place on copies."""
+    p, q = coef.clone(), val.clone()
+    q[0].addcmul_(p[0], c0)
+    n, shift = q.shape[0], 1
+    while shift < n:
+        q[shift:] = torch.addcmul(q[shift:], p[shift:], q[:-shift])  # (right side first)
+        if 2 * shift < n:
+            p[shift:] = p[shift:] * p[:-shift]
+        shift *= 2
+    return q
+
+
+def _block_states(model: RNNLM, inputs: torch.Tensor, z_start: torch.Tensor) -> torch.Tensor:
+    """As :func:`_span_states` by one recurrent call per block (any recurrent module)."""
+    emb = model.encoder(inputs)  # (K, n, E)
+    state = model.unflatten_state(z_start)
+    out = []
+    for j in range(inputs.shape[1]):
+        _, state = model.rnn(emb[:, j:j + 1], state)
+        out.append(model.flatten_state(state))
+    return torch.cat(out, 0)

@@ -111,7 +111,7 @@ class PenaltyMethod:
         taken = 0
         for _ in range(s.h_steps):
             problem.w.grad = None
-            problem.evaluate(states=True)
+            problem.evaluate(states=True, measure=False)
             norm = self._clip_states(problem, s.h_clip)
             if norm < s.h_tol:
                 break
@@ -125,24 +125,27 @@ class PenaltyMethod:
         s = self.settings
         for i in range(s.theta_steps):
             self.theta_optimizer.zero_grad(set_to_none=True)
-            res = problem.evaluate(theta=True, token_ce=s.positional and i == 0)
+            res = problem.evaluate(theta=True, token_ce=s.positional and i == 0,
+                                   measure=i == 0)
             self._reduce_theta_grads(problem)
-            _clip(self.params, s.clip)
+            if s.clip > 0:  # (the norm itself is not needed here)
+                torch.nn.utils.clip_grad_norm_(self.params, s.clip)
             self.theta_optimizer.step()
             if i == 0:
                 stats.record(res)
             stats.theta_steps += 1
 
-    def dual_step(self, problem: BlockProblem) -> None:
+    def dual_step(self, problem: BlockProblem, before_theta: bool = False) -> None:
         """u_j ← u_j + ρ_u r_j with r_j = F_j(θ, z_j) − z_{j+1} (the dual gradient), the norm of
-        r over the update's blocks first clipped to ``u_clip``."""
+        r over the update's blocks first clipped to ``u_clip``. ``before_theta``: the θ-steps
+        follow at once (θ and Z as here), and their first evaluation reuses this pass."""
         s = self.settings
         if problem.dual is None:
             raise ValueError("this problem has no duals")
         if problem.terms is not None and not problem.terms.l2:
             raise ValueError("penalty 'kl' has no squared distance for the duals to attach to "
                              "(use 'l2+kl', or the penalty method)")
-        r = problem.final_states() - problem.z
+        r = problem.residuals(keep=before_theta)
         if s.u_clip > 0:
             n = problem.comm.norm(r)
             if n > s.u_clip:
@@ -180,7 +183,7 @@ class ADMM(PenaltyMethod):
             self.dual_step(problem)
         stats.h_steps = self.h_steps(problem)
         if dual_on and s.forward_init:
-            self.dual_step(problem)
+            self.dual_step(problem, before_theta=True)
         self.theta_steps(problem, stats)
         self.state["updates"] += 1
         return stats
