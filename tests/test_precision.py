@@ -107,3 +107,19 @@ def test_tensorboard_events_hold_the_metrics(corpus_dir: Path, tmp_path: Path) -
         got = [(e.step, e.value) for e in acc.Scalars(key)]
         assert got == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows], key
     assert json.loads((out / "config.json").read_text())["tensorboard"] == str(events)
+
+
+@pytest.mark.parametrize("method", ["pm", "admm", "alm"])
+def test_bf16_block_tprop_keeps_its_states_in_float32(corpus_dir: Path, tmp_path: Path,
+                                                      method: str) -> None:
+    from tprop.train import make_trainer
+
+    tr = make_trainer(cfg(corpus_dir, method=method, precision="bf16", blocks_per_update="all",
+                          h_steps=1, theta_steps=1, h_optim="sgd", h_lr=0.01, u_start=1,
+                          epochs=1))
+    tr.fit()
+    assert tr.Z.dtype == torch.float32 and tr.Z.abs().sum() > 0
+    assert tr.U is None or tr.U.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    row = tr._rows[-1]
+    assert row["penalty"] > 0 and row["train_loss"] == row["train_loss"]  # finite, measured

@@ -154,7 +154,8 @@ class BTPROPTrainer(Trainer):
             problem = BlockProblem(model, x, y, carried, z_init, lam, dual, arctanh=cfg.arctanh,
                                    chunk_blocks=cfg.chunk_blocks, terms=self.terms, comm=comm,
                                    shard=sp)
-            stats = self.solver.step(problem, epoch)
+            with self.precision.autocast():  # the free states, duals and terms stay float32
+                stats = self.solver.step(problem, epoch)
             if not self.batch_mode:
                 carried = problem.carried_out()
             if self.Z is not None:
