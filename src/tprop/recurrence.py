@@ -622,8 +622,9 @@ def _adjoint_sweeps(adj: _Adjoint) -> torch.Tensor:
         a, sweeps = new, sweeps + 1
         if change <= st.rec_tol:
             break
-    rec.adj_iters, rec.adj_residual = sweeps, change
-    if limit < adj.shard.total - 2 and change > st.rec_tol:
+    exact = sweeps >= adj.shard.total - 2  # after M − 2 sweeps the adjoint is exact
+    rec.adj_iters, rec.adj_residual = sweeps, 0.0 if exact else change
+    if not exact and change > st.rec_tol:
         return _adjoint_unconverged(adj, a)
     return a
 
