@@ -19,12 +19,13 @@ EXPECTED = ["batch_vs_minibatch", "block_size", "hidden_size", "minibatch_size",
 BEYOND = ["hidden_size_kl", "long_range"]  # beyond the paper: tests/test_beyond_specs.py
 # the exact parallel recurrence and the diagonal cells: tests/lab/test_parallel_specs.py
 PARALLEL = ["credit_horizon", "diag_cells", "free_states", "parallel_iterations"]
+CELLS_LONG_RANGE = ["long_range_cells"]  # synthetic corpora by cell: test_parallel_specs.py
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_five_specs_are_shipped() -> None:
     assert experiments_dir().is_dir()
-    assert list_specs() == sorted(EXPECTED + BEYOND + PARALLEL)
+    assert list_specs() == sorted(EXPECTED + BEYOND + PARALLEL + CELLS_LONG_RANGE)
     assert (experiments_dir() / "README.md").is_file()
 
 

@@ -54,3 +54,30 @@ def test_smoke_preset_runs_end_to_end(name: str, shared_data: Path, tmp_path: Pa
     assert not result.failed, result.failed
     md = report.read_text()
     assert "## Results" in md and all(r["name"] in md for r in result.runs)
+
+
+def test_long_range_cells_compares_every_cell_with_the_dependency_inside_the_window() -> None:
+    spec = load_spec(find_spec("long_range_cells"))
+    for preset in PRESETS:
+        assert len(expand(spec, preset, validate=True)) == 12
+    cpu = [p.config for p in expand(spec, "cpu")]
+    assert {(c["model"], c["data_dir"]) for c in cpu} == {
+        (m, d) for m in ("lstm", "gru", "diag-lstm", "diag-gru")
+        for d in ("copy-20", "brackets-20", "adding-20")}
+    for preset in PRESETS:  # every dependency of length L lies inside one BPTT window
+        data = {k: {**v, **spec.presets[preset]["data"].get(k, {})}
+                for k, v in spec.data.items()}
+        lengths = [e["length"] for e in data.values()]
+        assert all(L < c["bptt"] for c in (p.config for p in expand(spec, preset))
+                   for L in lengths)
+
+
+def test_long_range_cells_smoke_writes_the_memory_gap_section(tmp_path: Path) -> None:
+    out = tmp_path / "cells"
+    result, report = reproduce("long_range_cells", preset="smoke", out=out, threads=1,
+                               echo=lambda _: None)
+    assert not result.failed and len(result.runs) == 12
+    md = report.read_text()
+    assert "## Long-range dependencies" in md and "share closed" in md
+    for model in ("lstm", "gru", "diag-lstm", "diag-gru"):
+        assert f"model={model}" in md
