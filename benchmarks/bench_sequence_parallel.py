@@ -8,7 +8,10 @@ is the window's forward+backward, the θ-gradients summed over the ranks, an SGD
 two configurations alternate (``--repeats`` times each, after a warm-up update); the wall time
 per update is the median of its updates. Reported: the speed-up of 2 ranks, the bytes the
 solver exchanges per iteration (boundary states, residual maxima; the θ all-reduce apart),
-the iterations per update. Ends with one JSON line.
+the iterations per update, sequential BPTT of the same window (one fused call) on the one
+process, the measured cost of each exchange, and the cost model of docs/distributed.md
+checked against the 2-rank time, then its predictions at 8, 64 and 512 ranks. Ends with one
+JSON line.
 
     python benchmarks/bench_sequence_parallel.py [--steps 2048] [--updates 4] [--repeats 3]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -61,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.1)
     state = model.flatten_state(model.init_state(1))
-    times, iters, solver_bytes, theta_bytes = [], [], [], []
+    times, iters, solver_bytes, theta_bytes, fwd_adj = [], [], [], [], []
     for u in range(args.updates + 1):  # the first is a warm-up
         x = data[u * args.steps:(u + 1) * args.steps].view(-1, 1)
         y = data[u * args.steps + 1:(u + 1) * args.steps + 1].view(-1, 1)
@@ -80,15 +84,61 @@ def worker(args: argparse.Namespace) -> None:
         if u:
             times.append(dt)
             iters.append(rec.fwd_iters + rec.adj_iters)
+            fwd_adj.append((rec.fwd_iters, rec.adj_iters))
             solver_bytes.append(before / max(1, rec.fwd_iters + rec.adj_iters))
             theta_bytes.append(theta)
+    extra = exchange_costs(comm, state, params) if world > 1 else \
+        {"sequential_s": sequential_time(model, data, args.steps, args.updates)}
     if comm.rank == 0:
         Path(args.out).write_text(json.dumps({
             "world": world, "update_s": statistics.median(times), "iterations": iters,
+            "blocks": rec.blocks, "fwd_adj_iterations": fwd_adj, "state_dim": int(state.shape[-1]),
+            "theta": sum(p.numel() for p in params),
             "bytes_per_iteration": statistics.median(solver_bytes),
-            "theta_bytes_per_update": statistics.median(theta_bytes)}))
+            "theta_bytes_per_update": statistics.median(theta_bytes), **extra}))
     if world > 1:
         comm.close()
+
+
+def sequential_time(model: Any, data: Any, steps: int, updates: int) -> float:
+    """Median seconds of sequential BPTT (one fused call) over the same windows."""
+    import torch
+    import torch.nn.functional as F
+
+    params, times = list(model.parameters()), []
+    for u in range(updates + 1):
+        x = data[u * steps:(u + 1) * steps].view(-1, 1)
+        y = data[u * steps + 1:(u + 1) * steps + 1].view(-1, 1)
+        t0 = time.perf_counter()
+        logits, _ = model(x, model.init_state(1))
+        loss = F.cross_entropy(logits.view(-1, model.ntoken), y.reshape(-1))
+        torch.autograd.grad(loss, params)
+        if u:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def exchange_costs(comm: Any, state: Any, params: list[Any], reps: int = 50) -> dict[str, float]:
+    """Median seconds of one boundary exchange (rank 0 to rank 1, one state row), one MAX
+    all-reduce of a number and one all-reduce of the θ-gradients, on these ranks."""
+    import torch
+
+    flat = torch.zeros(sum(p.numel() for p in params))
+    row = state.detach().reshape(1, -1).contiguous()
+    ops = {"shift_s": lambda: comm.shift(row if comm.rank == 0 else None,
+                                         1 if comm.rank == 0 else None,
+                                         0 if comm.rank == 1 else None, row),
+           "max_s": lambda: comm.max(1.0), "theta_allreduce_s": lambda: comm.all_reduce_(flat)}
+    out = {}
+    for name, op in ops.items():
+        ts = []
+        for _ in range(reps):
+            comm.max(0.0)  # line the ranks up
+            t0 = time.perf_counter()
+            op()
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts)
+    return out
 
 
 def launch(world: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -113,6 +163,86 @@ def launch(world: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+# ------------------------------------------------------------------ the cost model
+ALPHA, BETA = 50e-6, 1.25e9  # the network of the predictions: 10 Gb/s Ethernet
+
+
+def model_time(p: int, blocks: int, t_block: float, sweeps: tuple[float, float],
+               shift: float, mx: float, theta: float) -> tuple[float, float]:
+    """(compute, communication) seconds of one Jacobi update on ``p`` ranks: each rank runs
+    ⌈M/p⌉ blocks' share of the one-rank update; every forward sweep exchanges a boundary and
+    takes a MAX, every adjoint sweep a boundary and two MAXes; then the θ all-reduce and the
+    carried state's broadcast (about one boundary)."""
+    f, a = sweeps
+    comm = f * (shift + mx) + a * (shift + 2 * mx) + theta + shift if p > 1 else 0.0
+    return math.ceil(blocks / p) * t_block, comm
+
+
+def network(p: int, batch: int, dim: int, theta: int) -> tuple[float, float, float]:
+    """Predicted (boundary, MAX, θ all-reduce) seconds on ``p`` ranks of ALPHA, BETA: a
+    point-to-point row of B·D floats, a tree all-reduce of a number, a ring all-reduce."""
+    lg = math.ceil(math.log2(p)) if p > 1 else 0
+    return (ALPHA + 4 * batch * dim / BETA, 2 * lg * ALPHA,
+            2 * (p - 1) * ALPHA + 2 * (p - 1) / p * 4 * theta / BETA)
+
+
+def predictions(one: dict[str, Any], steps: int, k: int, ptb_sweeps: tuple[float, float]
+                ) -> list[dict[str, Any]]:
+    """The model at 8, 64 and 512 ranks for a PTB-scale and a long-context window, from the
+    measured one-rank update (its cost per block and sweep, scaled by steps and columns)."""
+    f, a = (statistics.median(x) for x in zip(*one["fwd_adj_iterations"]))
+    per_sweep = one["update_s"] / one["blocks"] / (f + a + 2) / k  # one step of one column
+    seq_tok = one["sequential_s"] / steps
+    cases = [("PTB-scale", 320, 10, 20, ptb_sweeps), ("long context", 65536, k, 1, (f, a))]
+    out = []
+    for name, t, kk, b, (sf, sa) in cases:
+        blocks = math.ceil(t / kk)
+        t_block = per_sweep * kk * b * (sf + sa + 2)
+        for p in (1, 8, 64, 512):
+            row = {"case": name, "T": t, "K": kk, "B": b, "M": blocks, "ranks": p,
+                   "sweeps": [sf, sa]}
+            if p > blocks:
+                out.append({**row, "note": f"{p} ranks > {blocks} blocks"})
+                continue
+            comp, comm = model_time(p, blocks, t_block, (sf, sa),
+                                    *network(p, b, one["state_dim"], one["theta"]))
+            out.append({**row, "compute_s": comp, "comm_s": comm, "update_s": comp + comm,
+                        "vs_sequential": t * b * seq_tok / (comp + comm)})
+    for r in out:
+        base = next(x for x in out if x["case"] == r["case"] and x["ranks"] == 1)
+        if "update_s" in r:
+            r["vs_one_rank"] = base["update_s"] / r["update_s"]
+    return out
+
+
+def print_model(one: dict[str, Any], two: dict[str, Any], preds: list[dict[str, Any]]
+                ) -> dict[str, float]:
+    """The model's 2-rank time from the measured exchanges, against the measurement; the
+    predictions as a table."""
+    f, a = (statistics.median(x) for x in zip(*two["fwd_adj_iterations"]))
+    comp, comm = model_time(2, one["blocks"], one["update_s"] / one["blocks"], (f, a),
+                            two["shift_s"], two["max_s"], two["theta_allreduce_s"])
+    print(f"exchanges on these 2 ranks: boundary {two['shift_s'] * 1e6:.0f} µs, MAX "
+          f"{two['max_s'] * 1e6:.0f} µs, θ all-reduce {two['theta_allreduce_s'] * 1e3:.2f} ms")
+    print(f"model, 2 ranks: {comp:.3f} s compute + {comm:.3f} s communication = "
+          f"{comp + comm:.3f} s per update (measured {two['update_s']:.3f} s); "
+          f"predicted speed-up {one['update_s'] / (comp + comm):.2f}")
+    print(f"sequential BPTT of the window (one fused call, 1 rank): {one['sequential_s']:.3f} s")
+    print("| case | T | K | B | M | ranks | sweeps f/a | compute s | comm s | update s | "
+          "vs 1-rank Jacobi | vs sequential BPTT |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in preds:
+        head = (f"| {r['case']} | {r['T']} | {r['K']} | {r['B']} | {r['M']} | {r['ranks']} "
+                f"| {r['sweeps'][0]:g}/{r['sweeps'][1]:g} |")
+        if "note" in r:
+            print(head + f" — | — | — | — | — ({r['note']}) |")
+        else:
+            print(head + f" {r['compute_s']:.4g} | {r['comm_s']:.3g} | {r['update_s']:.4g} | "
+                  f"{r['vs_one_rank']:.1f} | {r['vs_sequential']:.2f} |")
+    return {"model_update_s_2_ranks": comp + comm,
+            "model_speedup_2_ranks": one["update_s"] / (comp + comm)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=2048)
@@ -121,6 +251,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--train-tokens", type=int, default=200_000)
+    p.add_argument("--ptb-sweeps", type=float, nargs=2, default=(9.0, 8.0),
+                   metavar=("FWD", "ADJ"), help="Jacobi sweeps per window (forward, adjoint) "
+                   "of the PTB-scale prediction (docs/parallel_time.md, study 2)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -138,6 +271,13 @@ def main() -> None:
                       f"{res['bytes_per_iteration']:.0f} bytes per iteration", flush=True)
     one = statistics.median(r["update_s"] for r in runs[1])
     two = statistics.median(r["update_s"] for r in runs[2])
+    med1 = {**runs[1][-1], "update_s": one, "sequential_s": statistics.median(
+        r["sequential_s"] for r in runs[1])}
+    med2 = {**runs[2][-1], "update_s": two, **{k: statistics.median(r[k] for r in runs[2])
+                                                for k in ("shift_s", "max_s",
+                                                          "theta_allreduce_s")}}
+    preds = predictions(med1, args.steps, args.block_size, tuple(args.ptb_sweeps))
+    checked = print_model(med1, med2, preds)
     print(json.dumps({"steps": args.steps, "batch": 1, "model": "lstm-1x128 (PTB-trained)",
                       "block_size": args.block_size, "tol": args.tol,
                       "update_s_1_rank": one, "update_s_2_ranks": two,
@@ -147,7 +287,11 @@ def main() -> None:
                       "theta_bytes_per_update": statistics.median(
                           r["theta_bytes_per_update"] for r in runs[2]),
                       "iterations": runs[2][-1]["iterations"],
-                      "iterations_1_rank": runs[1][-1]["iterations"]}))
+                      "iterations_1_rank": runs[1][-1]["iterations"],
+                      "sequential_s_1_rank": med1["sequential_s"],
+                      "exchange_s": {k: med2[k] for k in ("shift_s", "max_s",
+                                                          "theta_allreduce_s")},
+                      **checked, "predictions": preds}))
 
 
 if __name__ == "__main__":
