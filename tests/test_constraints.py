@@ -566,7 +566,7 @@ def _dist_worker(data_dir: str, out: str) -> None:
         trainer.fit()
         results[name] = td.final_state(trainer)
     torch.save(results, f"{out}.{dist.get_rank()}")
-    dist.destroy_process_group()
+    comm.close()  # a barrier, then the group destroyed
 
 
 def test_two_ranks_equal_one_with_the_terms(tmp_path: Path) -> None:

@@ -189,7 +189,7 @@ def _worker(data_dir: str, out: str) -> None:
     except ConfigError as e:
         results["indivisible"] = str(e)
     torch.save(results, f"{out}.{dist.get_rank()}")
-    dist.destroy_process_group()
+    comm.close()  # a barrier, then the group destroyed
 
 
 # ----------------------------------------------------------------------------- fixtures

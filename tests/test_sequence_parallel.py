@@ -78,7 +78,7 @@ def _worker(data_dir: str, out: str) -> None:
             results["eval_seq"] = evaluate(trainer.model, trainer.valid_data, 2)[0]
     results["bytes"] = dict(comm.bytes)
     torch.save(results, f"{out}.{dist.get_rank()}")
-    dist.destroy_process_group()
+    comm.close()  # a barrier, then the group destroyed
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,15 @@ class DistComm(LocalComm):
                  EXIT_LOST_CONTACT)
 
     def close(self) -> None:
+        """Leave the process group together: a barrier first, so that no rank tears down its
+        connections while another is still in its last exchange (gloo aborts a process whose
+        peer closes under it: "terminate called without an active exception")."""
         if dist.is_initialized():
+            try:
+                dist.barrier()
+            except Exception as e:  # a peer already gone: nothing left to wait for
+                if not is_comm_error(e):
+                    raise
             dist.destroy_process_group()
 
 
