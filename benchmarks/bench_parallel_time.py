@@ -13,8 +13,12 @@ adjoint iterations to ``--tol`` (float32), the sequential depth (recurrent steps
 another, forward and backward: 2T for the sequential kernel; see ``depth``), the wall-time
 ratio sequential / parallel, and the relative error of the θ-gradient against the sequential
 one. The PTB-trained weights are trained here once (``--train-tokens`` of PTB) and cached in
-``runs/bench-weights/``. Cases too slow for this machine (dense Newton at large state sizes
-on a CPU) are listed as skipped, never given a number. Ends with one JSON line.
+``runs/bench-weights/``. Cases too slow for this machine (dense Newton and its diagonal at
+large state sizes or windows on a CPU, the diagonal cells' reference loop at B > 1 beyond
+1,024 steps on a CPU) are listed as skipped, never given a number, and so are the cases that
+would start after ``--budget-min`` (19 minutes on a CPU: the default run stays within 20).
+On a CPU a case of more than 4,096 tokens is timed once (``repeats`` in its record). The
+trained weights come first. Ends with one JSON line.
 
     python benchmarks/bench_parallel_time.py [--quick] [--device cuda] [--repeats 3]
 """
@@ -148,13 +152,19 @@ def run_case(model: RNNLM, x: torch.Tensor, y: torch.Tensor, s0: torch.Tensor, r
             **({"speedup_vs_full_lstm": statistics.median(t_full)} if full is not None else {})}
 
 
-def too_slow(rec: str, model: RNNLM, steps: int, batch: int, device: str) -> str | None:
+def too_slow(rec: str, model: RNNLM, steps: int, batch: int, device: str,
+             diag: bool) -> str | None:
     """Why a case is left out on this machine, or None."""
+    if diag:
+        if device == "cpu" and batch > 1 and steps > 1024:
+            return (f"the diagonal cell's sequential reference loop over {steps} steps of "
+                    f"{batch} columns on the CPU (run it on a GPU)")
+        return None
     if rec == "jacobi":
         return None
     d = model.state_dim
-    if device == "cpu" and (d > 256 or steps * batch > 1024):
-        return (f"dense Newton on the CPU: {d} replicas of {steps * batch} tokens per "
+    if device == "cpu" and (d > 256 or steps * batch > 256):
+        return (f"dense {rec} on the CPU: {d} replicas of {steps * batch} tokens per "
                 "iteration (run it on a GPU)")
     if d > 1024:
         return f"dense Newton with state size {d}: D^3 per combine"
@@ -167,7 +177,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--models", nargs="+", default=list(MODELS))
-    p.add_argument("--weights", nargs="+", default=["untrained", "trained"])
+    p.add_argument("--weights", nargs="+", default=["trained", "untrained"])
     p.add_argument("--recurrences", nargs="+", default=["jacobi", "newton", "quasi-newton"])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--tol", type=float, default=1e-5)
@@ -176,6 +186,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--diag-steps", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     p.add_argument("--quick", action="store_true", help="T 64/256, B 1, one repeat")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="leave out (as skipped) the cases that would start after this many "
+                        "minutes (default: 19 on the CPU, none on a GPU)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.batch, args.repeats = [64, 256], [1], 1
@@ -187,6 +200,9 @@ def main() -> None:
     corpus = load_corpus("ptb")
     data = corpus.valid.to(dev)
     cases, skipped = [], []
+    budget = args.budget_min if args.budget_min is not None else (19.0 if dev == "cpu"
+                                                                  else None)
+    t_start = time.perf_counter()
     for name in args.models:
         for weights in args.weights:
             model = (trained_weights(name, args.train_tokens, dev) if weights == "trained"
@@ -201,13 +217,17 @@ def main() -> None:
                         k = 1 if diag else args.block_size
                         base = {"T": steps, "B": b, "model": name, "weights": weights,
                                 "recurrence": rec, "block_size": k}
-                        why = None if diag else too_slow(rec, model, steps, b, dev)
+                        why = too_slow(rec, model, steps, b, dev, diag)
+                        minutes = (time.perf_counter() - t_start) / 60
+                        if why is None and budget is not None and minutes > budget:
+                            why = f"over this run's time budget (--budget-min {budget:g})"
                         if why:
                             skipped.append({**base, "why": why})
                             print(f"skip  {base}: {why}", flush=True)
                             continue
-                        res = run_case(model, x, y, s0, rec, k, args.tol, args.repeats, dev,
-                                       full)
+                        reps = 1 if dev == "cpu" and steps * b > 4096 else args.repeats
+                        res = run_case(model, x, y, s0, rec, k, args.tol, reps, dev, full)
+                        res["repeats"] = reps
                         cases.append({**base, **res})
                         extra = (f" vs full LSTM {res['speedup_vs_full_lstm']:6.3f}"
                                  if diag else "")
@@ -215,7 +235,8 @@ def main() -> None:
                               f"iters {res['iterations']:3d}/{res['adjoint_iterations']:3d} "
                               f"depth {res['depth']:7.0f} (seq {2 * steps}) speed-up "
                               f"{res['speedup_vs_sequential']:6.3f}{extra} grad err "
-                              f"{res['grad_rel_err']:.1e}", flush=True)
+                              f"{res['grad_rel_err']:.1e} [{minutes:.1f} min]", flush=True)
+    print(f"total {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
     print(json.dumps({"device": device_name(dev), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "tol": args.tol,
                       "cases": cases, "skipped": skipped}))
