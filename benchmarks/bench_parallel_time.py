@@ -212,12 +212,13 @@ def main() -> None:
             full = untrained("lstm-1x128", len(corpus.vocab), dev).eval() if diag else None
             for b in args.batch:
                 for steps in (args.diag_steps if diag else args.steps):
-                    x, y, s0 = window(model, data, steps, b)
+                    xys = None
                     for rec in (["newton"] if diag else args.recurrences):
                         k = 1 if diag else args.block_size
                         base = {"T": steps, "B": b, "model": name, "weights": weights,
                                 "recurrence": rec, "block_size": k}
-                        why = too_slow(rec, model, steps, b, dev, diag)
+                        why = too_slow(rec, model, steps, b, dev, diag) or \
+                            too_short(data, steps, b)
                         minutes = (time.perf_counter() - t_start) / 60
                         if why is None and budget is not None and minutes > budget:
                             why = f"over this run's time budget (--budget-min {budget:g})"
@@ -226,7 +227,8 @@ def main() -> None:
                             print(f"skip  {base}: {why}", flush=True)
                             continue
                         reps = 1 if dev == "cpu" and steps * b > 4096 else args.repeats
-                        res = run_case(model, x, y, s0, rec, k, args.tol, reps, dev, full)
+                        xys = xys or window(model, data, steps, b)
+                        res = run_case(model, *xys, rec, k, args.tol, reps, dev, full)
                         res["repeats"] = reps
                         cases.append({**base, **res})
                         extra = (f" vs full LSTM {res['speedup_vs_full_lstm']:6.3f}"
@@ -240,6 +242,13 @@ def main() -> None:
     print(json.dumps({"device": device_name(dev), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "tol": args.tol,
                       "cases": cases, "skipped": skipped}))
+
+
+def too_short(data: torch.Tensor, steps: int, batch: int) -> str | None:
+    """Why the validation split cannot give this window (and the 200 tokens before it)."""
+    if (data.numel() - 1) // batch < steps + 200:
+        return f"the validation split is too short for T={steps} in {batch} columns"
+    return None
 
 
 def window(model: RNNLM, data: torch.Tensor, steps: int, batch: int
