@@ -13,7 +13,7 @@ process, the measured cost of each exchange, and the cost model of docs/distribu
 checked against the 2-rank time, then its predictions at 8, 64 and 512 ranks. Ends with one
 JSON line.
 
-    python benchmarks/bench_sequence_parallel.py [--steps 2048] [--updates 4] [--repeats 3]
+    python benchmarks/bench_sequence_parallel.py [--steps 8192] [--updates 4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ def worker(args: argparse.Namespace) -> None:
             "theta_bytes_per_update": statistics.median(theta_bytes), **extra}))
     if world > 1:
         comm.close()
+        sys.stdout.flush()
+        os._exit(0)  # the results are written: no gloo teardown at interpreter exit
 
 
 def sequential_time(model: Any, data: Any, steps: int, updates: int) -> float:
@@ -250,7 +252,7 @@ def print_model(one: dict[str, Any], two: dict[str, Any], preds: list[dict[str, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8192)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--updates", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)

@@ -190,6 +190,7 @@ def _worker(data_dir: str, out: str) -> None:
         results["indivisible"] = str(e)
     torch.save(results, f"{out}.{dist.get_rank()}")
     comm.close()  # a barrier, then the group destroyed
+    os._exit(0)  # the results are saved: no gloo teardown at interpreter exit
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -8,6 +8,7 @@ process."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def _worker(data_dir: str, out: str) -> None:
     results["bytes"] = dict(comm.bytes)
     torch.save(results, f"{out}.{dist.get_rank()}")
     comm.close()  # a barrier, then the group destroyed
+    os._exit(0)  # the results are saved: no gloo teardown at interpreter exit
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ this way when one fails) exits with ``EXIT_TERMINATED`` and a one-line message.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -206,6 +207,7 @@ class DistComm(LocalComm):
                 if not is_comm_error(e):
                     raise
             dist.destroy_process_group()
+            gc.collect()  # the exchanges' work objects freed now, not in the interpreter's exit
 
 
 # ============================================================================ process group
