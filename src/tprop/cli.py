@@ -616,6 +616,17 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a torchrun rank leaves without the interpreter's teardown."""
+    code = _main(argv)
+    dist_mod = sys.modules.get("tprop.distributed")
+    if dist_mod is not None and dist_mod.STARTED[0]:  # a rank, its process group closed:
+        sys.stdout.flush()                             # no gloo threads at interpreter exit
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -231,7 +231,11 @@ def init_process_group(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_
         backend = "nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    STARTED[0] = True
     return backend
+
+
+STARTED = [False]  # whether this process has joined a process group (the CLI's exit reads it)
 
 
 def _peek_config(run_dir: str | Path) -> dict[str, Any]:
