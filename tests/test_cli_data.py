@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as run
 
-from tprop.cli import main
 from tprop.data import CORPORA
 
 KNOWN = ("ptb", "ptb-char", "wikitext-2", "wikitext-103", "text8")
@@ -23,17 +23,6 @@ def env_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]
     monkeypatch.setenv("TPROP_CACHE", str(d["cache"]))
     monkeypatch.setenv("TPROP_OFFLINE", "1")
     return d
-
-
-def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `tprop ARGV`."""
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_lines(err: str) -> list[str]:

@@ -15,12 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import run_cli as cli
 from conftest import write_corpus
 
 from tprop.cli import ignored_flags, main
@@ -34,17 +36,6 @@ SMALL = ["--model", "lstm", "--emsize", "8", "--nhid", "8", "--bptt", "5", "--ba
 
 
 # --------------------------------------------------------------------------- helpers
-def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `tprop ARGV` run in this process."""
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def one_error(err: str) -> str:
     """The one `error:` line of a refusal (and no traceback)."""
     assert "Traceback" not in err, err
@@ -453,13 +444,24 @@ HOLD = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O
         "print('locked', flush=True); time.sleep(120)")
 
 
-def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(
-        run_copy: Path, corpus_dir: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_copy / LOCK_NAME)],
+@contextmanager
+def lock_held_elsewhere(d: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``d``'s run-directory lock, SIGKILLed at the end (no clean-up:
+    the kernel drops the lock)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(d / LOCK_NAME)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(
+        run_copy: Path, corpus_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    with lock_held_elsewhere(run_copy) as holder:
         before = snapshot(run_copy)
         code, _, err = cli(capsys, "train", "--resume", str(run_copy), "--epochs", "3")
         assert code == 2
@@ -469,19 +471,10 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(
         # a new run into a locked (empty) directory likewise
         empty = tmp_path / "empty"
         empty.mkdir()
-        other = subprocess.Popen([sys.executable, "-c", HOLD, str(empty / LOCK_NAME)],
-                                 stdout=subprocess.PIPE, text=True)
-        try:
-            assert other.stdout.readline().strip() == "locked"
+        with lock_held_elsewhere(empty):
             code, _, err = cli(capsys, *train_args(corpus_dir, empty, 1))
             assert code == 2 and f"{empty} is in use" in one_error(err)
             assert not (empty / "config.json").exists()
-        finally:
-            other.kill()
-            other.wait()
-    finally:
-        holder.kill()  # SIGKILL: no clean-up; the kernel drops the lock
-        holder.wait()
     assert (run_copy / LOCK_NAME).exists()
     code, _, err = cli(capsys, "train", "--resume", str(run_copy), "--epochs", "3")
     assert code == 0, err
@@ -509,16 +502,10 @@ def test_sweep_point_in_a_locked_directory_fails_without_training(
 
     d = tmp_path / "point"
     d.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(d / LOCK_NAME)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(d):
         config = dict(data_dir=str(corpus_dir), dataset=None, quiet=True, device="cpu",
                       emsize=8, nhid=8, bptt=5, batch_size=4, eval_batch_size=4, epochs=1)
         result = run_point({"dir": str(d), "config": config, "action": "new"})
-    finally:
-        holder.kill()
-        holder.wait()
     assert result["status"] == "failed"
     assert result["error"].startswith(f"RunLocked: {d} is in use")
     assert not (d / "config.json").exists() and not (d / "metrics.jsonl").exists()
